@@ -29,7 +29,7 @@ _Static_assert(sizeof(paymentd_idempotency_scope_t) == sizeof(int), "enum settin
 
 enum { TABLE_MAX = 64 };
 #define TOPIC_SUFFIX_MAX "paymentauthorized" /* longest "{prefix}.<suffix>" we publish */
-#define KAFKA_TOPIC_MAX 249
+#define KAFKA_TOPIC_MAX  249
 
 /* ---- small parsing helpers ---- */
 
@@ -107,7 +107,8 @@ static int pct_decode(char *dst, size_t dstlen, const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
         if (c == '%') {
-            if (i + 2 >= n || !isxdigit((unsigned char)s[i + 1]) || !isxdigit((unsigned char)s[i + 2]))
+            if (i + 2 >= n || !isxdigit((unsigned char)s[i + 1]) ||
+                !isxdigit((unsigned char)s[i + 2]))
                 return -EINVAL;
             char hex[3] = {s[i + 1], s[i + 2], 0};
             c = (char)strtol(hex, NULL, 16);
@@ -169,8 +170,8 @@ static void redact_libpq_message(char *dst, size_t dstlen, const char *msg, cons
 
 /* ---- DATABASE_URL ---- */
 
-static const char *const sslmodes[] = {"disable", "allow", "prefer", "require", "verify-ca",
-                                       "verify-full", NULL};
+static const char *const sslmodes[] = {"disable",   "allow",       "prefer", "require",
+                                       "verify-ca", "verify-full", NULL};
 
 /* asyncpg's ?ssl=X → libpq's ?sslmode=Y, into out (heap). */
 static char *asyncpg_query_to_libpq(const char *url)
@@ -229,14 +230,16 @@ static int validate_database_url(void *target, char *why, size_t whylen, void *a
     } else if (strncmp(raw, "postgres://", 11) == 0) {
         rest = raw + 11;
     } else {
-        snprintf(why, whylen, "is not a PostgreSQL URL (expected postgresql://, "
-                              "postgresql+asyncpg:// or postgres://user:password@host:port/db)");
+        snprintf(why, whylen,
+                 "is not a PostgreSQL URL (expected postgresql://, "
+                 "postgresql+asyncpg:// or postgres://user:password@host:port/db)");
         return -EINVAL;
     }
     for (const char *p = raw; *p; p++) {
         if (isspace((unsigned char)*p) || iscntrl((unsigned char)*p)) {
-            snprintf(why, whylen, "is not a valid PostgreSQL URL: it contains whitespace or "
-                                  "control characters");
+            snprintf(why, whylen,
+                     "is not a valid PostgreSQL URL: it contains whitespace or "
+                     "control characters");
             return -EINVAL;
         }
     }
@@ -292,7 +295,8 @@ static int validate_database_url(void *target, char *why, size_t whylen, void *a
             continue;
         if (strcmp(o->keyword, "host") == 0 || strcmp(o->keyword, "hostaddr") == 0) {
             if (db.host[0] == '\0' && !copy_field(db.host, sizeof db.host, o->val)) {
-                snprintf(why, whylen, "is not a valid PostgreSQL URL: host is longer than %zu bytes",
+                snprintf(why, whylen,
+                         "is not a valid PostgreSQL URL: host is longer than %zu bytes",
                          sizeof db.host - 1);
                 goto done;
             }
@@ -305,8 +309,10 @@ static int validate_database_url(void *target, char *why, size_t whylen, void *a
                 if (len == 0 && first && p[len] == '\0')
                     break; /* "host:/db": default port */
                 if (!parse_port(p, len, &port)) {
-                    snprintf(why, whylen, "is not a valid PostgreSQL URL: port \"%.*s\" is not an "
-                                          "integer in 1..65535", (int)(len > 20 ? 20 : len), p);
+                    snprintf(why, whylen,
+                             "is not a valid PostgreSQL URL: port \"%.*s\" is not an "
+                             "integer in 1..65535",
+                             (int)(len > 20 ? 20 : len), p);
                     goto done;
                 }
                 if (first)
@@ -318,20 +324,26 @@ static int validate_database_url(void *target, char *why, size_t whylen, void *a
             }
         } else if (strcmp(o->keyword, "user") == 0) {
             if (!copy_field(db.user, sizeof db.user, o->val)) {
-                snprintf(why, whylen, "is not a valid PostgreSQL URL: user name is longer than "
-                                      "%zu bytes", sizeof db.user - 1);
+                snprintf(why, whylen,
+                         "is not a valid PostgreSQL URL: user name is longer than "
+                         "%zu bytes",
+                         sizeof db.user - 1);
                 goto done;
             }
         } else if (strcmp(o->keyword, "password") == 0) {
             if (!copy_field(db.password, sizeof db.password, o->val)) {
-                snprintf(why, whylen, "is not a valid PostgreSQL URL: password is longer than "
-                                      "%zu bytes", sizeof db.password - 1);
+                snprintf(why, whylen,
+                         "is not a valid PostgreSQL URL: password is longer than "
+                         "%zu bytes",
+                         sizeof db.password - 1);
                 goto done;
             }
         } else if (strcmp(o->keyword, "dbname") == 0) {
             if (!copy_field(db.dbname, sizeof db.dbname, o->val)) {
-                snprintf(why, whylen, "is not a valid PostgreSQL URL: database name is longer "
-                                      "than %zu bytes", sizeof db.dbname - 1);
+                snprintf(why, whylen,
+                         "is not a valid PostgreSQL URL: database name is longer "
+                         "than %zu bytes",
+                         sizeof db.dbname - 1);
                 goto done;
             }
         } else if (strcmp(o->keyword, "sslmode") == 0) {
@@ -355,8 +367,10 @@ static int validate_database_url(void *target, char *why, size_t whylen, void *a
         for (size_t i = 0; sslmodes[i]; i++)
             ok = ok || strcmp(sslmode, sslmodes[i]) == 0;
         if (!ok) {
-            snprintf(why, whylen, "is not a valid PostgreSQL URL: sslmode \"%.20s\" is not one of "
-                                  "disable, allow, prefer, require, verify-ca, verify-full", sslmode);
+            snprintf(why, whylen,
+                     "is not a valid PostgreSQL URL: sslmode \"%.20s\" is not one of "
+                     "disable, allow, prefer, require, verify-ca, verify-full",
+                     sslmode);
             goto done;
         }
     }
@@ -380,7 +394,8 @@ static int validate_redis_url(void *target, char *why, size_t whylen, void *arg)
     const char *raw = *(char **)target;
     static const char form[] = "redis://[[user]:password@]host[:port][/db]";
     if (strncmp(raw, "rediss://", 9) == 0) {
-        snprintf(why, whylen, "uses TLS (rediss://), which hiredis 0.14 cannot do; expected %s", form);
+        snprintf(why, whylen, "uses TLS (rediss://), which hiredis 0.14 cannot do; expected %s",
+                 form);
         return -EINVAL;
     }
     if (strncmp(raw, "redis://", 8) != 0) {
@@ -411,8 +426,9 @@ static int validate_redis_url(void *target, char *why, size_t whylen, void *arg)
         else /* redis://secret@host: redis-py reads a lone userinfo as the password */
             drc = pct_decode(r.password, sizeof r.password, p, (size_t)(at - p));
         if (drc < 0) {
-            snprintf(why, whylen, "is not a valid Redis URL: bad percent-escape or over-long "
-                                  "user or password");
+            snprintf(why, whylen,
+                     "is not a valid Redis URL: bad percent-escape or over-long "
+                     "user or password");
             return -EINVAL;
         }
         hp = at + 1;
@@ -451,14 +467,16 @@ static int validate_redis_url(void *target, char *why, size_t whylen, void *arg)
         return -EINVAL;
     }
     if (host_len >= sizeof r.host || !valid_host(host, host_len)) {
-        snprintf(why, whylen, "is not a valid Redis URL: \"%.*s\" is not an IP address or host name",
+        snprintf(why, whylen,
+                 "is not a valid Redis URL: \"%.*s\" is not an IP address or host name",
                  (int)(host_len > 64 ? 64 : host_len), host);
         return -EINVAL;
     }
     memcpy(r.host, host, host_len);
     r.host[host_len] = '\0';
     if (port && !parse_port(port, port_len, &r.port)) {
-        snprintf(why, whylen, "is not a valid Redis URL: port \"%.*s\" is not an integer in 1..65535",
+        snprintf(why, whylen,
+                 "is not a valid Redis URL: port \"%.*s\" is not an integer in 1..65535",
                  (int)(port_len > 20 ? 20 : port_len), port);
         return -EINVAL;
     }
@@ -474,8 +492,10 @@ static int validate_redis_url(void *target, char *why, size_t whylen, void *arg)
                 v = v * 10 + (rest[i] - '0');
             }
             if (!ok) {
-                snprintf(why, whylen, "is not a valid Redis URL: database \"%.*s\" is not a "
-                                      "number (e.g. /0)", (int)(dl > 20 ? 20 : dl), rest);
+                snprintf(why, whylen,
+                         "is not a valid Redis URL: database \"%.*s\" is not a "
+                         "number (e.g. /0)",
+                         (int)(dl > 20 ? 20 : dl), rest);
                 return -EINVAL;
             }
             r.db = (int)v;
@@ -483,8 +503,10 @@ static int validate_redis_url(void *target, char *why, size_t whylen, void *arg)
         rest += dl;
     }
     if (*rest != '\0') {
-        snprintf(why, whylen, "is not a valid Redis URL: query parameters and fragments are not "
-                              "supported (expected %s)", form);
+        snprintf(why, whylen,
+                 "is not a valid Redis URL: query parameters and fragments are not "
+                 "supported (expected %s)",
+                 form);
         return -EINVAL;
     }
     st->redis = r;
@@ -540,9 +562,12 @@ static int validate_brokers(void *target, char *why, size_t whylen, void *arg)
             }
         }
         int pv;
-        if (host_len == 0 || !valid_host(host, host_len) || (port && !parse_port(port, port_len, &pv))) {
-            snprintf(why, whylen, "has broker \"%.*s\", expected host:port with a host name or IP "
-                                  "address and a port in 1..65535", (int)(el > 80 ? 80 : el), e);
+        if (host_len == 0 || !valid_host(host, host_len) ||
+            (port && !parse_port(port, port_len, &pv))) {
+            snprintf(why, whylen,
+                     "has broker \"%.*s\", expected host:port with a host name or IP "
+                     "address and a port in 1..65535",
+                     (int)(el > 80 ? 80 : el), e);
             goto fail;
         }
         if (j)
@@ -569,7 +594,8 @@ static int validate_listen_host(void *target, char *why, size_t whylen, void *ar
     char **val = target;
     size_t n = strlen(*val);
     if (!valid_host(*val, n)) {
-        snprintf(why, whylen, "is not an IP address or host name (e.g. 0.0.0.0, 127.0.0.1, ::, localhost)");
+        snprintf(why, whylen,
+                 "is not an IP address or host name (e.g. 0.0.0.0, 127.0.0.1, ::, localhost)");
         return -EINVAL;
     }
     if (n >= 2 && (*val)[0] == '[') { /* store IPv6 without brackets */
@@ -599,8 +625,9 @@ static int validate_proxies(void *target, char *why, size_t whylen, void *arg)
         while (el > 0 && isspace((unsigned char)e[el - 1]))
             el--;
         if (el == 0) {
-            snprintf(why, whylen, "has an empty entry (expected a comma-separated list of IP "
-                                  "addresses or networks such as 10.0.0.0/8)");
+            snprintf(why, whylen,
+                     "has an empty entry (expected a comma-separated list of IP "
+                     "addresses or networks such as 10.0.0.0/8)");
             return -EINVAL;
         }
         if (st->trusted_proxies_n == PAYMENTD_MAX_TRUSTED_PROXIES) {
@@ -675,8 +702,10 @@ static int validate_method_limits(void *target, char *why, size_t whylen, void *
                 el--;
             const char *eq = memchr(e, '=', el);
             if (el == 0 || eq == NULL) {
-                snprintf(why, whylen, "has \"%.*s\", expected Method=LIMIT entries such as "
-                                      "GetPayment=1000,AuthorizePayment=50", (int)(el > 64 ? 64 : el), e);
+                snprintf(why, whylen,
+                         "has \"%.*s\", expected Method=LIMIT entries such as "
+                         "GetPayment=1000,AuthorizePayment=50",
+                         (int)(el > 64 ? 64 : el), e);
                 return -EINVAL;
             }
             const char *name = e;
@@ -693,8 +722,10 @@ static int validate_method_limits(void *target, char *why, size_t whylen, void *
                 if (strlen(names[i]) == nl && strncasecmp(name, names[i], nl) == 0)
                     m = i;
             if (m < 0) {
-                snprintf(why, whylen, "has unknown method \"%.*s\" (expected AuthorizePayment, "
-                                      "GetPayment or GetAccountBalance)", (int)(nl > 64 ? 64 : nl), name);
+                snprintf(why, whylen,
+                         "has unknown method \"%.*s\" (expected AuthorizePayment, "
+                         "GetPayment or GetAccountBalance)",
+                         (int)(nl > 64 ? 64 : nl), name);
                 return -EINVAL;
             }
             if (vals[m] != 0) {
@@ -735,21 +766,25 @@ static int validate_topic_prefix(void *target, char *why, size_t whylen, void *a
     size_t n = strlen(v);
     size_t max = KAFKA_TOPIC_MAX - (sizeof TOPIC_SUFFIX_MAX - 1) - 1;
     if (n == 0) {
-        snprintf(why, whylen, "is empty; expected a Kafka topic prefix of letters, digits, '.', "
-                              "'_' or '-'");
+        snprintf(why, whylen,
+                 "is empty; expected a Kafka topic prefix of letters, digits, '.', "
+                 "'_' or '-'");
         return -EINVAL;
     }
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)v[i];
         if (!isalnum(c) && c != '.' && c != '_' && c != '-') {
-            snprintf(why, whylen, "is not a Kafka topic prefix: only letters, digits, '.', '_' "
-                                  "and '-' are allowed");
+            snprintf(why, whylen,
+                     "is not a Kafka topic prefix: only letters, digits, '.', '_' "
+                     "and '-' are allowed");
             return -EINVAL;
         }
     }
     if (n > max) {
-        snprintf(why, whylen, "is longer than %zu characters (Kafka topic names are at most %d, "
-                              "with \".%s\" appended)", max, KAFKA_TOPIC_MAX, TOPIC_SUFFIX_MAX);
+        snprintf(why, whylen,
+                 "is longer than %zu characters (Kafka topic names are at most %d, "
+                 "with \".%s\" appended)",
+                 max, KAFKA_TOPIC_MAX, TOPIC_SUFFIX_MAX);
         return -EINVAL;
     }
     return 0;
@@ -760,31 +795,51 @@ static int validate_topic_prefix(void *target, char *why, size_t whylen, void *a
 static const char *const kafka_aliases[] = {"REDPANDA_BROKERS", NULL};
 
 static const config_choice_t log_levels[] = {
-    {"DEBUG", LOG_DEBUG}, {"INFO", LOG_INFO}, {"WARNING", LOG_WARNING},
+    {"DEBUG", LOG_DEBUG},  {"INFO", LOG_INFO},   {"WARNING", LOG_WARNING},
     {"WARN", LOG_WARNING}, {"ERROR", LOG_ERROR}, {NULL, 0},
 };
 static const config_choice_t log_formats[] = {
-    {"json", LOG_FORMAT_JSON}, {"console", LOG_FORMAT_CONSOLE}, {NULL, 0},
+    {"json", LOG_FORMAT_JSON},
+    {"console", LOG_FORMAT_CONSOLE},
+    {NULL, 0},
 };
 static const config_choice_t environments[] = {
-    {"development", PAYMENTD_ENV_DEVELOPMENT}, {"staging", PAYMENTD_ENV_STAGING},
-    {"production", PAYMENTD_ENV_PRODUCTION}, {"test", PAYMENTD_ENV_TEST}, {NULL, 0},
+    {"development", PAYMENTD_ENV_DEVELOPMENT},
+    {"staging", PAYMENTD_ENV_STAGING},
+    {"production", PAYMENTD_ENV_PRODUCTION},
+    {"test", PAYMENTD_ENV_TEST},
+    {NULL, 0},
 };
 static const config_choice_t idem_scopes[] = {
-    {"global", PAYMENTD_IDEMPOTENCY_GLOBAL}, {"client", PAYMENTD_IDEMPOTENCY_CLIENT}, {NULL, 0},
+    {"global", PAYMENTD_IDEMPOTENCY_GLOBAL},
+    {"client", PAYMENTD_IDEMPOTENCY_CLIENT},
+    {NULL, 0},
 };
 
 static char cq_threads_default[16];
 
-#define S_STR(n, d, tgt, h, v) \
-    {.name = n, .type = CONFIG_STRING, .def = d, .target = tgt, .help = h, .validate = v, .validate_arg = s}
-#define S_INT(n, d, tgt, lo, hi, h) \
-    {.name = n, .type = CONFIG_INT, .def = d, .target = tgt, .imin = lo, .imax = hi, .help = h}
-#define S_DUR(n, d, tgt, lo, hi, h) \
-    {.name = n, .type = CONFIG_DURATION, .def = d, .target = tgt, .dmin = lo, .dmax = hi, .help = h}
-#define S_BOOL(n, d, tgt, h) {.name = n, .type = CONFIG_BOOL, .def = d, .target = tgt, .help = h}
-#define S_ENUM(n, d, tgt, ch, h) \
-    {.name = n, .type = CONFIG_ENUM, .def = d, .target = (int *)(tgt), .choices = ch, .help = h}
+#define S_STR(n, d, tgt, h, v)                                                                     \
+    {                                                                                              \
+        .name = n, .type = CONFIG_STRING, .def = d, .target = tgt, .help = h, .validate = v,       \
+        .validate_arg = s                                                                          \
+    }
+#define S_INT(n, d, tgt, lo, hi, h)                                                                \
+    {                                                                                              \
+        .name = n, .type = CONFIG_INT, .def = d, .target = tgt, .imin = lo, .imax = hi, .help = h  \
+    }
+#define S_DUR(n, d, tgt, lo, hi, h)                                                                \
+    {                                                                                              \
+        .name = n, .type = CONFIG_DURATION, .def = d, .target = tgt, .dmin = lo, .dmax = hi,       \
+        .help = h                                                                                  \
+    }
+#define S_BOOL(n, d, tgt, h)                                                                       \
+    {                                                                                              \
+        .name = n, .type = CONFIG_BOOL, .def = d, .target = tgt, .help = h                         \
+    }
+#define S_ENUM(n, d, tgt, ch, h)                                                                   \
+    {                                                                                              \
+        .name = n, .type = CONFIG_ENUM, .def = d, .target = (int *)(tgt), .choices = ch, .help = h \
+    }
 
 static void table_init(config_setting_t *t, paymentd_settings_t *s)
 {
@@ -797,21 +852,30 @@ static void table_init(config_setting_t *t, paymentd_settings_t *s)
 
     const config_setting_t rows[] = {
         S_STR("DATABASE_URL", PAYMENTD_DEFAULT_DATABASE_URL, &s->database_url,
-              "PostgreSQL URL: postgresql://, postgresql+asyncpg:// or postgres://user:password@host:port/db",
+              "PostgreSQL URL: postgresql://, postgresql+asyncpg:// or "
+              "postgres://user:password@host:port/db",
               validate_database_url),
         S_STR("REDIS_URL", "redis://localhost:6379/0", &s->redis_url,
               "Redis URL for rate limiting: redis://[[user]:password@]host[:port][/db]",
               validate_redis_url),
-        {.name = "KAFKA_BROKERS", .aliases = kafka_aliases, .type = CONFIG_STRING,
-         .def = "localhost:19092", .target = &s->kafka_brokers,
+        {.name = "KAFKA_BROKERS",
+         .aliases = kafka_aliases,
+         .type = CONFIG_STRING,
+         .def = "localhost:19092",
+         .target = &s->kafka_brokers,
          .help = "Kafka bootstrap servers, host:port[,host:port...]; REDPANDA_BROKERS is an alias "
                  "(both set and different is an error)",
-         .validate = validate_brokers, .validate_arg = s},
+         .validate = validate_brokers,
+         .validate_arg = s},
         S_STR("GRPC_HOST", "0.0.0.0", &s->grpc_host, "gRPC listen address", validate_listen_host),
         S_INT("GRPC_PORT", "50051", &s->grpc_port, 0, 65535,
               "gRPC listen port; 0 picks a free port (logged at start-up)"),
-        {.name = "GRPC_CQ_THREADS", .type = CONFIG_INT, .def = cq_threads_default,
-         .target = &s->grpc_cq_threads, .imin = 1, .imax = 256,
+        {.name = "GRPC_CQ_THREADS",
+         .type = CONFIG_INT,
+         .def = cq_threads_default,
+         .target = &s->grpc_cq_threads,
+         .imin = 1,
+         .imax = 256,
          .help = "gRPC completion-queue threads (default: the number of online CPUs)"},
         S_INT("GRPC_MAX_RECEIVE_BYTES", "4194304", &s->grpc_max_receive_bytes, 1024, 1073741824,
               "largest request message accepted, in bytes; larger ones end RESOURCE_EXHAUSTED"),
@@ -833,10 +897,12 @@ static void table_init(config_setting_t *t, paymentd_settings_t *s)
         S_INT("RATE_LIMIT_TIMEOUT_MS", "50", &s->rate_limit_timeout_ms, 1, 60000,
               "Redis answer deadline for a rate-limit check, milliseconds"),
         S_STR("RATE_LIMIT_TRUSTED_PROXIES", "", &s->rate_limit_trusted_proxies,
-              "comma-separated IP addresses or networks (10.0.0.0/8) whose x-forwarded-for is believed",
+              "comma-separated IP addresses or networks (10.0.0.0/8) whose x-forwarded-for is "
+              "believed",
               validate_proxies),
         S_STR("RATE_LIMIT_METHOD_LIMITS", "", &s->rate_limit_method_limits,
-              "optional per-method limits with their own bucket, e.g. GetPayment=1000,AuthorizePayment=50",
+              "optional per-method limits with their own bucket, e.g. "
+              "GetPayment=1000,AuthorizePayment=50",
               validate_method_limits),
         S_INT("OUTBOX_BATCH_SIZE", "100", &s->outbox_batch_size, 1, 10000,
               "outbox rows claimed per relay round"),
@@ -879,20 +945,23 @@ static int check_cross(const paymentd_settings_t *s, char *err, size_t errlen)
 {
     if (s->environment == PAYMENTD_ENV_PRODUCTION) {
         if (strcmp(s->database_url, PAYMENTD_DEFAULT_DATABASE_URL) == 0) {
-            snprintf(err, errlen, "ENVIRONMENT=production refuses the default DATABASE_URL "
-                                  "(postgresql://payment:***@localhost:5432/payment_db); set "
-                                  "DATABASE_URL to the production database");
+            snprintf(err, errlen,
+                     "ENVIRONMENT=production refuses the default DATABASE_URL "
+                     "(postgresql://payment:***@localhost:5432/payment_db); set "
+                     "DATABASE_URL to the production database");
             return -EINVAL;
         }
         if (s->db.password[0] == '\0') {
-            snprintf(err, errlen, "ENVIRONMENT=production requires a password in DATABASE_URL "
-                                  "(postgresql://user:password@host:port/db)");
+            snprintf(err, errlen,
+                     "ENVIRONMENT=production requires a password in DATABASE_URL "
+                     "(postgresql://user:password@host:port/db)");
             return -EINVAL;
         }
     }
     if (s->outbox_base_delay_seconds > s->outbox_max_delay_seconds) {
-        snprintf(err, errlen, "OUTBOX_BASE_DELAY_SECONDS (%.15g) must not exceed "
-                              "OUTBOX_MAX_DELAY_SECONDS (%.15g)",
+        snprintf(err, errlen,
+                 "OUTBOX_BASE_DELAY_SECONDS (%.15g) must not exceed "
+                 "OUTBOX_MAX_DELAY_SECONDS (%.15g)",
                  s->outbox_base_delay_seconds, s->outbox_max_delay_seconds);
         return -EINVAL;
     }

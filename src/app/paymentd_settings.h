@@ -30,7 +30,7 @@
 #define PAYMENTD_SETTINGS_HELP CONFIG_HELP
 
 #define PAYMENTD_DEFAULT_DATABASE_URL "postgresql://payment:payment@localhost:5432/payment_db"
-#define PAYMENTD_MAX_TRUSTED_PROXIES 64
+#define PAYMENTD_MAX_TRUSTED_PROXIES  64
 
 typedef enum paymentd_environment {
     PAYMENTD_ENV_DEVELOPMENT = 0,
@@ -65,9 +65,9 @@ typedef struct paymentd_redis_url {
 
 /** One RATE_LIMIT_TRUSTED_PROXIES entry: an address, or a network with /prefix. */
 typedef struct paymentd_proxy {
-    int family;        /* AF_INET or AF_INET6 */
-    uint8_t addr[16];  /* network byte order; 4 bytes used for AF_INET */
-    int prefix_len;    /* 32 / 128 for a single address */
+    int family;       /* AF_INET or AF_INET6 */
+    uint8_t addr[16]; /* network byte order; 4 bytes used for AF_INET */
+    int prefix_len;   /* 32 / 128 for a single address */
 } paymentd_proxy_t;
 
 typedef struct paymentd_settings {

@@ -334,8 +334,9 @@ static int env_value(const config_setting_t *s, char **envp, const char **value,
             char q1[QUOTE_MAX * 2 + 8], q2[QUOTE_MAX * 2 + 8];
             quote_value(q1, sizeof q1, s, *value);
             quote_value(q2, sizeof q2, s, v);
-            snprintf(err, errlen, "%s and %s are both set and differ (\"%s\" vs \"%s\"); set only one",
-                     *origin, names[i], q1, q2);
+            snprintf(err, errlen,
+                     "%s and %s are both set and differ (\"%s\" vs \"%s\"); set only one", *origin,
+                     names[i], q1, q2);
             return -EINVAL;
         }
     }
@@ -387,7 +388,8 @@ int config_load(config_setting_t *table, int argc, char **argv, char **envp, cha
         const char *arg = argv[i];
         if (strncmp(arg, "--", 2) != 0 || arg[2] == '\0') {
             snprintf(err, errlen,
-                     "unexpected argument \"%.100s\" (settings are flags such as --grpc-port 50051; see --help)",
+                     "unexpected argument \"%.100s\" (settings are flags such as --grpc-port "
+                     "50051; see --help)",
                      arg);
             return -EINVAL;
         }
@@ -395,8 +397,8 @@ int config_load(config_setting_t *table, int argc, char **argv, char **envp, cha
         size_t flen = eq ? (size_t)(eq - arg) : strlen(arg);
         config_setting_t *s = find_flag(table, arg, flen);
         if (s == NULL) {
-            snprintf(err, errlen, "unknown flag \"%.*s\" (see --help)", (int)(flen > 100 ? 100 : flen),
-                     arg);
+            snprintf(err, errlen, "unknown flag \"%.*s\" (see --help)",
+                     (int)(flen > 100 ? 100 : flen), arg);
             return -EINVAL;
         }
         char flag[128];
@@ -404,7 +406,8 @@ int config_load(config_setting_t *table, int argc, char **argv, char **envp, cha
         const char *v;
         if (eq) {
             v = eq + 1;
-        } else if (i + 1 < argc && !(s->type == CONFIG_BOOL && strncmp(argv[i + 1], "--", 2) == 0)) {
+        } else if (i + 1 < argc &&
+                   !(s->type == CONFIG_BOOL && strncmp(argv[i + 1], "--", 2) == 0)) {
             v = argv[++i];
         } else if (s->type == CONFIG_BOOL) {
             v = "true"; /* --metrics-enabled alone */
@@ -549,10 +552,10 @@ void config_log_effective(const config_setting_t *table, const char *module)
         kv[2 * i + 1] = vals + i * VLEN;
         if (s->_source != CONFIG_SOURCE_DEFAULT) {
             const char *from = s->_source == CONFIG_SOURCE_FLAG ? "flag" : "env";
-            const char *via = s->_source == CONFIG_SOURCE_ENV && s->_origin &&
-                                      strcmp(s->_origin, s->name) != 0
-                                  ? s->_origin
-                                  : NULL;
+            const char *via =
+                s->_source == CONFIG_SOURCE_ENV && s->_origin && strcmp(s->_origin, s->name) != 0
+                    ? s->_origin
+                    : NULL;
             int w = snprintf(over + oj, olen - oj, "%s%s=%s%s%s", oj ? "," : "", s->name, from,
                              via ? ":" : "", via ? via : "");
             if (w > 0 && (size_t)w < olen - oj)

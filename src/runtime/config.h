@@ -65,8 +65,8 @@ typedef struct config_choice {
 typedef int (*config_validate_fn)(void *target, char *why, size_t whylen, void *arg);
 
 typedef struct config_setting {
-    const char *name;               /* environment variable; NULL ends the table */
-    const char *const *aliases;     /* other variable names, NULL-terminated; or NULL */
+    const char *name;           /* environment variable; NULL ends the table */
+    const char *const *aliases; /* other variable names, NULL-terminated; or NULL */
     config_type_t type;
     const char *def;                /* default as text; NULL means "" */
     const char *help;               /* one line */

@@ -77,16 +77,22 @@ static void sb_put(sbuf_t *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-static void sb_puts(sbuf_t *b, const char *s) { sb_put(b, s, strlen(s)); }
+static void sb_puts(sbuf_t *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
 
-static void sb_putc(sbuf_t *b, char c) { sb_put(b, &c, 1); }
+static void sb_putc(sbuf_t *b, char c)
+{
+    sb_put(b, &c, 1);
+}
 
 /* ---- masking ---- */
 
 static bool is_key_char(unsigned char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '-' || c == '.';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-' || c == '.';
 }
 
 static bool is_space(unsigned char c)
@@ -112,8 +118,8 @@ static size_t url_token_end(const char *s, size_t j, size_t n, bool whole)
 {
     if (whole)
         return n;
-    while (j < n && !is_space((unsigned char)s[j]) && s[j] != '"' && s[j] != '\'' &&
-           s[j] != '<' && s[j] != '>' && s[j] != '`')
+    while (j < n && !is_space((unsigned char)s[j]) && s[j] != '"' && s[j] != '\'' && s[j] != '<' &&
+           s[j] != '>' && s[j] != '`')
         j++;
     return j;
 }
@@ -166,8 +172,7 @@ static size_t secret_value_len(const char *s, size_t p, size_t n)
             q++; /* closing quote */
         return q - p;
     }
-    while (q < n && !is_space((unsigned char)s[q]) && s[q] != '&' && s[q] != '"' &&
-           s[q] != '\'')
+    while (q < n && !is_space((unsigned char)s[q]) && s[q] != '&' && s[q] != '"' && s[q] != '\'')
         q++;
     return q - p;
 }
@@ -199,8 +204,9 @@ static void mask_append(sbuf_t *out, const char *s, size_t n, bool whole)
                     p++; /* "password": … */
                 while (p < n && (s[p] == ' ' || s[p] == '\t'))
                     p++;
-                bool sep = p < n && (s[p] == '=' ||
-                                     (s[p] == ':' && !(p + 2 < n && s[p + 1] == '/' && s[p + 2] == '/')));
+                bool sep =
+                    p < n && (s[p] == '=' ||
+                              (s[p] == ':' && !(p + 2 < n && s[p + 1] == '/' && s[p + 2] == '/')));
                 if (sep) {
                     p++;
                     while (p < n && (s[p] == ' ' || s[p] == '\t'))
@@ -244,9 +250,15 @@ static int mask_copy(char *dst, size_t dstlen, const char *text, bool whole)
     return rc;
 }
 
-int log_mask(char *dst, size_t dstlen, const char *text) { return mask_copy(dst, dstlen, text, false); }
+int log_mask(char *dst, size_t dstlen, const char *text)
+{
+    return mask_copy(dst, dstlen, text, false);
+}
 
-int log_mask_url(char *dst, size_t dstlen, const char *url) { return mask_copy(dst, dstlen, url, true); }
+int log_mask_url(char *dst, size_t dstlen, const char *url)
+{
+    return mask_copy(dst, dstlen, url, true);
+}
 
 /* ---- escaping ---- */
 
@@ -325,11 +337,21 @@ static void escape_append(sbuf_t *out, const char *s, size_t n, size_t cap, bool
             else
                 sb_putc(out, '\\');
             break;
-        case '\n': sb_puts(out, "\\n"); break;
-        case '\r': sb_puts(out, "\\r"); break;
-        case '\t': sb_puts(out, "\\t"); break;
-        case '\b': sb_puts(out, "\\b"); break;
-        case '\f': sb_puts(out, "\\f"); break;
+        case '\n':
+            sb_puts(out, "\\n");
+            break;
+        case '\r':
+            sb_puts(out, "\\r");
+            break;
+        case '\t':
+            sb_puts(out, "\\t");
+            break;
+        case '\b':
+            sb_puts(out, "\\b");
+            break;
+        case '\f':
+            sb_puts(out, "\\f");
+            break;
         default:
             if (c < 0x20 || c == 0x7f) {
                 char hex[8];
@@ -388,7 +410,10 @@ void log_init(log_level_t level, log_format_t format)
     atomic_store_explicit(&g_format, (int)format, memory_order_relaxed);
 }
 
-int log_set_fd(int fd) { return atomic_exchange_explicit(&g_fd, fd, memory_order_relaxed); }
+int log_set_fd(int fd)
+{
+    return atomic_exchange_explicit(&g_fd, fd, memory_order_relaxed);
+}
 
 /* RFC 3339 UTC with microseconds: 2025-01-31T12:00:00.123456Z */
 static void put_timestamp(sbuf_t *b)

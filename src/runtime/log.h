@@ -65,8 +65,7 @@ void log_msg(log_level_t level, const char *module, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /** One line: msg plus key, value, key, value, …, NULL (string values; NULL value = null;
  *  at most 64 pairs are kept). */
-void log_kv(log_level_t level, const char *module, const char *msg, ...)
-    __attribute__((sentinel));
+void log_kv(log_level_t level, const char *module, const char *msg, ...) __attribute__((sentinel));
 /** One line: msg plus npairs key/value pairs from kv[0..2*npairs). */
 void log_kvv(log_level_t level, const char *module, const char *msg, const char *const *kv,
              size_t npairs);
@@ -78,26 +77,26 @@ int log_mask(char *dst, size_t dstlen, const char *text);
  *  the userinfo may contain anything, even a space, and is still masked whole. */
 int log_mask_url(char *dst, size_t dstlen, const char *url);
 
-#define LOG_DEBUG(module, ...)                                                               \
-    do {                                                                                     \
-        if (log_enabled(LOG_DEBUG))                                                          \
-            log_msg(LOG_DEBUG, (module), __VA_ARGS__);                                       \
+#define LOG_DEBUG(module, ...)                                                                     \
+    do {                                                                                           \
+        if (log_enabled(LOG_DEBUG))                                                                \
+            log_msg(LOG_DEBUG, (module), __VA_ARGS__);                                             \
     } while (0)
-#define LOG_INFO(module, ...)                                                                \
-    do {                                                                                     \
-        if (log_enabled(LOG_INFO))                                                           \
-            log_msg(LOG_INFO, (module), __VA_ARGS__);                                        \
+#define LOG_INFO(module, ...)                                                                      \
+    do {                                                                                           \
+        if (log_enabled(LOG_INFO))                                                                 \
+            log_msg(LOG_INFO, (module), __VA_ARGS__);                                              \
     } while (0)
-#define LOG_WARNING(module, ...)                                                             \
-    do {                                                                                     \
-        if (log_enabled(LOG_WARNING))                                                        \
-            log_msg(LOG_WARNING, (module), __VA_ARGS__);                                     \
+#define LOG_WARNING(module, ...)                                                                   \
+    do {                                                                                           \
+        if (log_enabled(LOG_WARNING))                                                              \
+            log_msg(LOG_WARNING, (module), __VA_ARGS__);                                           \
     } while (0)
 #define LOG_WARN(module, ...) LOG_WARNING(module, __VA_ARGS__)
-#define LOG_ERROR(module, ...)                                                               \
-    do {                                                                                     \
-        if (log_enabled(LOG_ERROR))                                                          \
-            log_msg(LOG_ERROR, (module), __VA_ARGS__);                                       \
+#define LOG_ERROR(module, ...)                                                                     \
+    do {                                                                                           \
+        if (log_enabled(LOG_ERROR))                                                                \
+            log_msg(LOG_ERROR, (module), __VA_ARGS__);                                             \
     } while (0)
 
 #endif

@@ -25,12 +25,12 @@ typedef void (*msg_free_fn)(msg_t *m);
 typedef void (*msg_fail_fn)(msg_t *m, int err);
 
 struct msg {
-    uint32_t type;        /* sender-defined message kind */
-    uint32_t _flags;      /* runtime */
-    msg_free_fn free;     /* required */
-    msg_fail_fn fail;     /* optional */
-    uint64_t deadline_ns; /* CLOCK_MONOTONIC deadline, 0 = none: expired messages are failed
-                             with -ETIMEDOUT instead of being handed to an actor */
+    uint32_t type;         /* sender-defined message kind */
+    uint32_t _flags;       /* runtime */
+    msg_free_fn free;      /* required */
+    msg_fail_fn fail;      /* optional */
+    uint64_t deadline_ns;  /* CLOCK_MONOTONIC deadline, 0 = none: expired messages are failed
+                              with -ETIMEDOUT instead of being handed to an actor */
     uint64_t _enqueued_ns; /* runtime: set by mailbox_push, for queue-wait metrics */
     msg_t *_prev, *_next;  /* runtime: links of the owning actor's taken-work list */
 };

@@ -72,24 +72,65 @@ static void table_init(config_setting_t *t, opts_t *o)
 {
     memset(o, 0, sizeof *o);
     config_setting_t rows[] = {
-        {.name = "CT_NAME", .type = CONFIG_STRING, .def = "svc", .target = &o->name,
-         .help = "service name", .validate = nonempty},
-        {.name = "CT_BROKERS", .aliases = broker_aliases, .type = CONFIG_STRING, .def = "k:1",
-         .target = &o->brokers, .help = "brokers", .validate = upper, .validate_arg = &upper_calls},
-        {.name = "CT_TOKEN", .type = CONFIG_STRING, .def = "T0kenDefault", .target = &o->token,
-         .flags = CONFIG_F_SECRET, .help = "api token", .validate = reject_bad},
-        {.name = "CT_URL", .type = CONFIG_STRING, .def = "postgresql://u:UrlDefPw@h/db",
-         .target = &o->url, .help = "a url", .validate = reject_bad},
-        {.name = "CT_PORT", .type = CONFIG_INT, .def = "50051", .target = &o->port, .imin = 0,
-         .imax = 65535, .help = "listen port"},
-        {.name = "CT_RATIO", .type = CONFIG_DOUBLE, .def = "0.5", .target = &o->ratio, .dmin = 0,
-         .dmax = 1, .help = "a ratio"},
-        {.name = "CT_DELAY", .type = CONFIG_DURATION, .def = "1.5", .target = &o->delay,
-         .dmin = 0.001, .dmax = 60, .help = "a delay"},
-        {.name = "CT_ENABLED", .type = CONFIG_BOOL, .def = "true", .target = &o->enabled,
+        {.name = "CT_NAME",
+         .type = CONFIG_STRING,
+         .def = "svc",
+         .target = &o->name,
+         .help = "service name",
+         .validate = nonempty},
+        {.name = "CT_BROKERS",
+         .aliases = broker_aliases,
+         .type = CONFIG_STRING,
+         .def = "k:1",
+         .target = &o->brokers,
+         .help = "brokers",
+         .validate = upper,
+         .validate_arg = &upper_calls},
+        {.name = "CT_TOKEN",
+         .type = CONFIG_STRING,
+         .def = "T0kenDefault",
+         .target = &o->token,
+         .flags = CONFIG_F_SECRET,
+         .help = "api token",
+         .validate = reject_bad},
+        {.name = "CT_URL",
+         .type = CONFIG_STRING,
+         .def = "postgresql://u:UrlDefPw@h/db",
+         .target = &o->url,
+         .help = "a url",
+         .validate = reject_bad},
+        {.name = "CT_PORT",
+         .type = CONFIG_INT,
+         .def = "50051",
+         .target = &o->port,
+         .imin = 0,
+         .imax = 65535,
+         .help = "listen port"},
+        {.name = "CT_RATIO",
+         .type = CONFIG_DOUBLE,
+         .def = "0.5",
+         .target = &o->ratio,
+         .dmin = 0,
+         .dmax = 1,
+         .help = "a ratio"},
+        {.name = "CT_DELAY",
+         .type = CONFIG_DURATION,
+         .def = "1.5",
+         .target = &o->delay,
+         .dmin = 0.001,
+         .dmax = 60,
+         .help = "a delay"},
+        {.name = "CT_ENABLED",
+         .type = CONFIG_BOOL,
+         .def = "true",
+         .target = &o->enabled,
          .help = "on or off"},
-        {.name = "CT_LEVEL", .type = CONFIG_ENUM, .def = "INFO", .target = &o->level,
-         .choices = levels, .help = "log level"},
+        {.name = "CT_LEVEL",
+         .type = CONFIG_ENUM,
+         .def = "INFO",
+         .target = &o->level,
+         .choices = levels,
+         .help = "log level"},
         {.name = NULL},
     };
     memcpy(t, rows, sizeof rows);
@@ -149,7 +190,8 @@ static void test_defaults(void **state)
 static void test_env_then_flags(void **state)
 {
     fixture_t *f = *state;
-    char *env[] = {"CT_PORT=1000", "CT_NAME=fromenv", "CT_LEVEL=error", "OTHER=1", "CT_PORTX=5", NULL};
+    char *env[] = {"CT_PORT=1000", "CT_NAME=fromenv", "CT_LEVEL=error",
+                   "OTHER=1",      "CT_PORTX=5",      NULL};
     char *argv[] = {"prog", "--ct-port", "2000", "--ct-ratio=0.25", "--ct-port=3000", NULL};
     assert_int_equal(load(f, argv, env), 0);
     assert_int_equal(f->o.port, 3000); /* flags win, the last one wins */
@@ -208,14 +250,22 @@ static void test_numbers_parse(void **state)
         int64_t port;
         double ratio, delay;
     } cases[] = {
-        {"CT_PORT=0", 0, 0.5, 1.5},           {"CT_PORT=65535", 65535, 0.5, 1.5},
-        {"CT_PORT= 80 ", 80, 0.5, 1.5},       {"CT_PORT=+7", 7, 0.5, 1.5},
-        {"CT_PORT=0080", 80, 0.5, 1.5},       {"CT_RATIO=1", 50051, 1, 1.5},
-        {"CT_RATIO=0", 50051, 0, 1.5},        {"CT_RATIO=.75", 50051, 0.75, 1.5},
-        {"CT_RATIO=2.5e-1", 50051, 0.25, 1.5}, {"CT_DELAY=2", 50051, 0.5, 2},
-        {"CT_DELAY=1.5s", 50051, 0.5, 1.5},   {"CT_DELAY=250ms", 50051, 0.5, 0.25},
-        {"CT_DELAY=1m", 50051, 0.5, 60},      {"CT_DELAY=0.5 S", 50051, 0.5, 0.5},
-        {"CT_DELAY=1MS", 50051, 0.5, 0.001},  {"CT_DELAY=\t3\n", 50051, 0.5, 3},
+        {"CT_PORT=0", 0, 0.5, 1.5},
+        {"CT_PORT=65535", 65535, 0.5, 1.5},
+        {"CT_PORT= 80 ", 80, 0.5, 1.5},
+        {"CT_PORT=+7", 7, 0.5, 1.5},
+        {"CT_PORT=0080", 80, 0.5, 1.5},
+        {"CT_RATIO=1", 50051, 1, 1.5},
+        {"CT_RATIO=0", 50051, 0, 1.5},
+        {"CT_RATIO=.75", 50051, 0.75, 1.5},
+        {"CT_RATIO=2.5e-1", 50051, 0.25, 1.5},
+        {"CT_DELAY=2", 50051, 0.5, 2},
+        {"CT_DELAY=1.5s", 50051, 0.5, 1.5},
+        {"CT_DELAY=250ms", 50051, 0.5, 0.25},
+        {"CT_DELAY=1m", 50051, 0.5, 60},
+        {"CT_DELAY=0.5 S", 50051, 0.5, 0.5},
+        {"CT_DELAY=1MS", 50051, 0.5, 0.001},
+        {"CT_DELAY=\t3\n", 50051, 0.5, 3},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         fixture_t *g = fresh();
@@ -235,10 +285,10 @@ static void test_booleans_every_spelling(void **state)
         const char *text;
         bool want;
     } cases[] = {
-        {"true", true},   {"TRUE", true},   {"True", true},  {"1", true},     {"yes", true},
-        {"YES", true},    {"Yes", true},    {"on", true},    {"ON", true},    {"On", true},
-        {" yes\t", true}, {"false", false}, {"FALSE", false}, {"False", false}, {"0", false},
-        {"no", false},    {"NO", false},    {"No", false},   {"off", false},  {"OFF", false},
+        {"true", true},   {"TRUE", true},     {"True", true},   {"1", true},      {"yes", true},
+        {"YES", true},    {"Yes", true},      {"on", true},     {"ON", true},     {"On", true},
+        {" yes\t", true}, {"false", false},   {"FALSE", false}, {"False", false}, {"0", false},
+        {"no", false},    {"NO", false},      {"No", false},    {"off", false},   {"OFF", false},
         {"Off", false},   {"\n off ", false},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -323,27 +373,35 @@ static void test_invalid_values_env(void **state)
         {"CT_PORT=0x10", "CT_PORT: \"0x10\" is not an integer in 0..65535"},
         {"CT_PORT=1.0", "CT_PORT: \"1.0\" is not an integer in 0..65535"},
         {"CT_PORT=1 2", "CT_PORT: \"1 2\" is not an integer in 0..65535"},
-        {"CT_PORT=99999999999999999999", "CT_PORT: \"99999999999999999999\" is not an integer in 0..65535"},
+        {"CT_PORT=99999999999999999999",
+         "CT_PORT: \"99999999999999999999\" is not an integer in 0..65535"},
         {"CT_RATIO=1.5", "CT_RATIO: \"1.5\" is not a number in 0..1"},
         {"CT_RATIO=nan", "CT_RATIO: \"nan\" is not a number in 0..1"},
         {"CT_RATIO=inf", "CT_RATIO: \"inf\" is not a number in 0..1"},
         {"CT_RATIO=0.5x", "CT_RATIO: \"0.5x\" is not a number in 0..1"},
         {"CT_RATIO=0x0p0", "CT_RATIO: \"0x0p0\" is not a number in 0..1"},
         {"CT_RATIO=", "CT_RATIO: \"\" is not a number in 0..1"},
-        {"CT_DELAY=0", "CT_DELAY: \"0\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
-        {"CT_DELAY=2h", "CT_DELAY: \"2h\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
-        {"CT_DELAY=5 parsecs", "CT_DELAY: \"5 parsecs\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
-        {"CT_DELAY=s", "CT_DELAY: \"s\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
-        {"CT_ENABLED=maybe", "CT_ENABLED: \"maybe\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
+        {"CT_DELAY=0",
+         "CT_DELAY: \"0\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
+        {"CT_DELAY=2h",
+         "CT_DELAY: \"2h\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
+        {"CT_DELAY=5 parsecs", "CT_DELAY: \"5 parsecs\" is not a duration in 0.001..60 seconds "
+                               "(e.g. 1.5, 1.5s, 250ms, 2m)"},
+        {"CT_DELAY=s",
+         "CT_DELAY: \"s\" is not a duration in 0.001..60 seconds (e.g. 1.5, 1.5s, 250ms, 2m)"},
+        {"CT_ENABLED=maybe",
+         "CT_ENABLED: \"maybe\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
         {"CT_ENABLED=", "CT_ENABLED: \"\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
         {"CT_ENABLED=2", "CT_ENABLED: \"2\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
         {"CT_ENABLED=t", "CT_ENABLED: \"t\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
-        {"CT_LEVEL=verbose", "CT_LEVEL: \"verbose\" is not one of DEBUG, INFO, WARNING, WARN, ERROR"},
+        {"CT_LEVEL=verbose",
+         "CT_LEVEL: \"verbose\" is not one of DEBUG, INFO, WARNING, WARN, ERROR"},
         {"CT_LEVEL=", "CT_LEVEL: \"\" is not one of DEBUG, INFO, WARNING, WARN, ERROR"},
         {"CT_NAME=", "CT_NAME: \"\" must not be empty"},
         {"CT_PORT=a\"b\\c\nd", "CT_PORT: \"a\\\"b\\\\c\\nd\" is not an integer in 0..65535"},
         {"CT_TOKEN=very bad token", "CT_TOKEN: \"***\" is rejected"},
-        {"CT_URL=postgresql://u:SecretPw@h/bad", "CT_URL: \"postgresql://u:***@h/bad\" is rejected"},
+        {"CT_URL=postgresql://u:SecretPw@h/bad",
+         "CT_URL: \"postgresql://u:***@h/bad\" is rejected"},
         {"CT_OTHER_BROKERS=bad", NULL}, /* alias: fine, the validator does not check brokers */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -370,16 +428,22 @@ static void test_invalid_values_flags(void **state)
         {"--ct-port=70000", NULL, "--ct-port: \"70000\" is not an integer in 0..65535"},
         {"--ct-port=", NULL, "--ct-port: \"\" is not an integer in 0..65535"},
         {"--ct-port", NULL, "--ct-port: missing value (expected an integer in 0..65535)"},
-        {"--ct-level", "loud", "--ct-level: \"loud\" is not one of DEBUG, INFO, WARNING, WARN, ERROR"},
-        {"--ct-enabled", "maybe", "--ct-enabled: \"maybe\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
+        {"--ct-level", "loud",
+         "--ct-level: \"loud\" is not one of DEBUG, INFO, WARNING, WARN, ERROR"},
+        {"--ct-enabled", "maybe",
+         "--ct-enabled: \"maybe\" is not a boolean (true/false, 1/0, yes/no, on/off)"},
         {"--ct-token=bad", NULL, "--ct-token: \"***\" is rejected"},
         {"--nope", NULL, "unknown flag \"--nope\" (see --help)"},
         {"--nope=1", NULL, "unknown flag \"--nope\" (see --help)"},
         {"--CT-PORT", "1", "unknown flag \"--CT-PORT\" (see --help)"},
         {"--ct_port", "1", "unknown flag \"--ct_port\" (see --help)"},
-        {"stray", NULL, "unexpected argument \"stray\" (settings are flags such as --grpc-port 50051; see --help)"},
-        {"-p", "1", "unexpected argument \"-p\" (settings are flags such as --grpc-port 50051; see --help)"},
-        {"--", NULL, "unexpected argument \"--\" (settings are flags such as --grpc-port 50051; see --help)"},
+        {"stray", NULL,
+         "unexpected argument \"stray\" (settings are flags such as --grpc-port 50051; see "
+         "--help)"},
+        {"-p", "1",
+         "unexpected argument \"-p\" (settings are flags such as --grpc-port 50051; see --help)"},
+        {"--", NULL,
+         "unexpected argument \"--\" (settings are flags such as --grpc-port 50051; see --help)"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         fixture_t *g = fresh();
@@ -508,8 +572,8 @@ static void test_value_text_masks(void **state)
 static void test_log_effective(void **state)
 {
     fixture_t *f = *state;
-    char *env[] = {"CT_URL=postgresql://u:EnvUrlPw@h/db", "CT_OTHER_BROKERS=b:2", "CT_TOKEN=SecretTok",
-                   NULL};
+    char *env[] = {"CT_URL=postgresql://u:EnvUrlPw@h/db", "CT_OTHER_BROKERS=b:2",
+                   "CT_TOKEN=SecretTok", NULL};
     char *argv[] = {"prog", "--ct-port", "81", NULL};
     assert_int_equal(load(f, argv, env), 0);
     int p[2];
@@ -524,12 +588,13 @@ static void test_log_effective(void **state)
     close(p[0]);
     assert_true(n > 0);
     buf[n] = '\0';
-    assert_non_null(strstr(buf, "\"level\":\"INFO\",\"logger\":\"config\",\"msg\":\"effective configuration\","
-                                "\"CT_NAME\":\"svc\",\"CT_BROKERS\":\"B:2\",\"CT_TOKEN\":\"***\","
-                                "\"CT_URL\":\"postgresql://u:***@h/db\",\"CT_PORT\":\"81\","
-                                "\"CT_RATIO\":\"0.5\",\"CT_DELAY\":\"1.5\",\"CT_ENABLED\":\"true\","
-                                "\"CT_LEVEL\":\"INFO\",\"overridden\":\"CT_BROKERS=env:CT_OTHER_BROKERS,"
-                                "CT_TOKEN=env,CT_URL=env,CT_PORT=flag\"}\n"));
+    assert_non_null(
+        strstr(buf, "\"level\":\"INFO\",\"logger\":\"config\",\"msg\":\"effective configuration\","
+                    "\"CT_NAME\":\"svc\",\"CT_BROKERS\":\"B:2\",\"CT_TOKEN\":\"***\","
+                    "\"CT_URL\":\"postgresql://u:***@h/db\",\"CT_PORT\":\"81\","
+                    "\"CT_RATIO\":\"0.5\",\"CT_DELAY\":\"1.5\",\"CT_ENABLED\":\"true\","
+                    "\"CT_LEVEL\":\"INFO\",\"overridden\":\"CT_BROKERS=env:CT_OTHER_BROKERS,"
+                    "CT_TOKEN=env,CT_URL=env,CT_PORT=flag\"}\n"));
     assert_null(strstr(buf, "EnvUrlPw"));
     assert_null(strstr(buf, "SecretTok"));
 }

@@ -151,14 +151,30 @@ static char *jstring(const char **p)
         s++;
         uint32_t cp;
         switch (*s) {
-        case '"': *d++ = '"'; break;
-        case '\\': *d++ = '\\'; break;
-        case '/': *d++ = '/'; break;
-        case 'b': *d++ = '\b'; break;
-        case 'f': *d++ = '\f'; break;
-        case 'n': *d++ = '\n'; break;
-        case 'r': *d++ = '\r'; break;
-        case 't': *d++ = '\t'; break;
+        case '"':
+            *d++ = '"';
+            break;
+        case '\\':
+            *d++ = '\\';
+            break;
+        case '/':
+            *d++ = '/';
+            break;
+        case 'b':
+            *d++ = '\b';
+            break;
+        case 'f':
+            *d++ = '\f';
+            break;
+        case 'n':
+            *d++ = '\n';
+            break;
+        case 'r':
+            *d++ = '\r';
+            break;
+        case 't':
+            *d++ = '\t';
+            break;
         case 'u':
             if (hex4(s + 1, &cp) < 0) {
                 free(out);
@@ -167,7 +183,8 @@ static char *jstring(const char **p)
             s += 4;
             if (cp >= 0xd800 && cp <= 0xdbff) {
                 uint32_t lo;
-                if (s[1] != '\\' || s[2] != 'u' || hex4(s + 3, &lo) < 0 || lo < 0xdc00 || lo > 0xdfff) {
+                if (s[1] != '\\' || s[2] != 'u' || hex4(s + 3, &lo) < 0 || lo < 0xdc00 ||
+                    lo > 0xdfff) {
                     free(out);
                     return NULL;
                 }
@@ -320,8 +337,9 @@ static void test_json_timestamp_is_now_utc(void **state)
 
 static void test_json_escaping(void **state)
 {
-    const char *msg = "quote \" backslash \\ newline \n tab \t cr \r bs \b ff \f ctl \x01\x1f del \x7f "
-                      "utf8 \xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 slash /";
+    const char *msg =
+        "quote \" backslash \\ newline \n tab \t cr \r bs \b ff \f ctl \x01\x1f del \x7f "
+        "utf8 \xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 slash /";
     capture_begin();
     log_msg(LOG_WARNING, "esc\"mod", "%s", msg);
     log_kv(LOG_ERROR, "m", "fields", "k\"ey", "v\\al\nue", "nul", NULL, NULL);
@@ -354,9 +372,10 @@ static void test_json_invalid_utf8_replaced(void **state)
     char *out = capture_end();
     jobj_t o;
     parse_one(out, &o);
-    assert_string_equal(jget(&o, "msg"),
-                        "bad \xef\xbf\xbd\xef\xbf\xbd byte, cut \xef\xbf\xbd\xef\xbf\xbd, overlong "
-                        "\xef\xbf\xbd\xef\xbf\xbd, surrogate \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd end");
+    assert_string_equal(
+        jget(&o, "msg"),
+        "bad \xef\xbf\xbd\xef\xbf\xbd byte, cut \xef\xbf\xbd\xef\xbf\xbd, overlong "
+        "\xef\xbf\xbd\xef\xbf\xbd, surrogate \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd end");
     jobj_free(&o);
     free(out);
 }
@@ -460,9 +479,9 @@ static void test_level_and_format_parse(void **state)
         const char *in;
         log_level_t want;
     } ok[] = {
-        {"DEBUG", LOG_DEBUG}, {"debug", LOG_DEBUG},     {"Info", LOG_INFO},
-        {"INFO", LOG_INFO},   {"WARNING", LOG_WARNING}, {"warning", LOG_WARNING},
-        {"WARN", LOG_WARNING}, {"wArN", LOG_WARNING},   {"ERROR", LOG_ERROR},
+        {"DEBUG", LOG_DEBUG},  {"debug", LOG_DEBUG},     {"Info", LOG_INFO},
+        {"INFO", LOG_INFO},    {"WARNING", LOG_WARNING}, {"warning", LOG_WARNING},
+        {"WARN", LOG_WARNING}, {"wArN", LOG_WARNING},    {"ERROR", LOG_ERROR},
         {"error", LOG_ERROR},
     };
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
@@ -494,11 +513,12 @@ static void test_console_format(void **state)
     char *out = capture_end();
     log_init(LOG_DEBUG, LOG_FORMAT_JSON);
     assert_int_equal(count_lines(out), 2);
-    assert_true(matches("^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{6}Z "
-                        "INFO    ledger: connected host=db note=\"two words\" q=\"a\\\\\"b\" e=\"\" "
-                        "n=null\n[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{15}Z WARNING grpc: "
-                        "line one\\\\nline two\\\\ttab\n$",
-                        out));
+    assert_true(
+        matches("^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{6}Z "
+                "INFO    ledger: connected host=db note=\"two words\" q=\"a\\\\\"b\" e=\"\" "
+                "n=null\n[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{15}Z WARNING grpc: "
+                "line one\\\\nline two\\\\ttab\n$",
+                out));
     free(out);
 }
 
@@ -509,7 +529,8 @@ static void test_mask_table(void **state)
     static const struct {
         const char *in, *want;
     } cases[] = {
-        {"postgresql://payment:S3cretPw@db:5432/payment_db", "postgresql://payment:***@db:5432/payment_db"},
+        {"postgresql://payment:S3cretPw@db:5432/payment_db",
+         "postgresql://payment:***@db:5432/payment_db"},
         {"redis://:R3disPw@localhost:6379/0", "redis://:***@localhost:6379/0"},
         {"postgresql+asyncpg://u:p%40ss@h/db", "postgresql+asyncpg://u:***@h/db"},
         {"postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"},
@@ -530,7 +551,8 @@ static void test_mask_table(void **state)
         {"client_secret=Sec", "client_secret=***"},
         {"password authentication failed for user \"x\"",
          "password authentication failed for user \"x\""},
-        {"connect to \"postgresql://a:QuotedPw@h/d\" failed", "connect to \"postgresql://a:***@h/d\" failed"},
+        {"connect to \"postgresql://a:QuotedPw@h/d\" failed",
+         "connect to \"postgresql://a:***@h/d\" failed"},
         {"two postgresql://a:One@h/d redis://:Two@r:1/0 end",
          "two postgresql://a:***@h/d redis://:***@r:1/0 end"},
         {"", ""},
@@ -545,12 +567,14 @@ static void test_mask_table(void **state)
 static void test_mask_url_truncation(void **state)
 {
     char out[64];
-    assert_int_equal(log_mask_url(out, sizeof out, "postgresql://payment:S3cretPw@db:5432/payment_db"), 0);
+    assert_int_equal(
+        log_mask_url(out, sizeof out, "postgresql://payment:S3cretPw@db:5432/payment_db"), 0);
     assert_string_equal(out, "postgresql://payment:***@db:5432/payment_db");
     char small[20];
     memset(small, 'X', sizeof small);
-    assert_int_equal(log_mask_url(small, sizeof small, "postgresql://payment:S3cretPw@db:5432/payment_db"),
-                     -ENOSPC);
+    assert_int_equal(
+        log_mask_url(small, sizeof small, "postgresql://payment:S3cretPw@db:5432/payment_db"),
+        -ENOSPC);
     assert_string_equal(small, "postgresql://paymen");
     /* a whole URL: even a raw space in the password does not end it */
     assert_int_equal(log_mask_url(out, sizeof out, "postgresql://u:p w@h/db"), 0);
@@ -561,8 +585,8 @@ static void test_mask_url_truncation(void **state)
     assert_string_equal(tiny, "postgresql://payment:***@");
 }
 
-static const char *const secrets[] = {"S3cretPw", "R3disPw", "ConnPw", "KvPw", "ColonPw", "FieldPw",
-                                      "AliasPw"};
+static const char *const secrets[] = {"S3cretPw", "R3disPw", "ConnPw", "KvPw",
+                                      "ColonPw",  "FieldPw", "AliasPw"};
 
 static void log_credentials(void)
 {

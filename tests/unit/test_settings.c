@@ -88,37 +88,46 @@ static void test_defaults_are_the_design(void **state)
 
 /* ---- invalid values: every variable, exact errors ---- */
 
-#define URL_FORM "redis://[[user]:password@]host[:port][/db]"
-#define BOOL_EXP "is not a boolean (true/false, 1/0, yes/no, on/off)"
+#define URL_FORM        "redis://[[user]:password@]host[:port][/db]"
+#define BOOL_EXP        "is not a boolean (true/false, 1/0, yes/no, on/off)"
 #define DUR_EXP(lo, hi) "is not a duration in " lo ".." hi " seconds (e.g. 1.5, 1.5s, 250ms, 2m)"
-#define PG_BAD "is not a valid PostgreSQL URL: "
-#define REDIS_BAD "is not a valid Redis URL: "
-#define BROKER_EXP ", expected host:port with a host name or IP address and a port in 1..65535"
-#define HOST_EXP "is not an IP address or host name (e.g. 0.0.0.0, 127.0.0.1, ::, localhost)"
-#define PROXY_EMPTY "has an empty entry (expected a comma-separated list of IP addresses or networks such as 10.0.0.0/8)"
-#define TOPIC_CHARS "is not a Kafka topic prefix: only letters, digits, '.', '_' and '-' are allowed"
+#define PG_BAD          "is not a valid PostgreSQL URL: "
+#define REDIS_BAD       "is not a valid Redis URL: "
+#define BROKER_EXP      ", expected host:port with a host name or IP address and a port in 1..65535"
+#define HOST_EXP        "is not an IP address or host name (e.g. 0.0.0.0, 127.0.0.1, ::, localhost)"
+#define PROXY_EMPTY                                                                                \
+    "has an empty entry (expected a comma-separated list of IP addresses or networks such as "     \
+    "10.0.0.0/8)"
+#define TOPIC_CHARS                                                                                \
+    "is not a Kafka topic prefix: only letters, digits, '.', '_' and '-' are allowed"
 
 static const struct bad {
     const char *var, *value, *why; /* error = VAR: "masked value" why */
     const char *shown;             /* the value as quoted, when it differs (masked) */
 } bad[] = {
     {"DATABASE_URL", "mysql://u:Pw1@h/db",
-     "is not a PostgreSQL URL (expected postgresql://, postgresql+asyncpg:// or postgres://user:password@host:port/db)",
+     "is not a PostgreSQL URL (expected postgresql://, postgresql+asyncpg:// or "
+     "postgres://user:password@host:port/db)",
      "mysql://u:***@h/db"},
-    {"DATABASE_URL", "", "is not a PostgreSQL URL (expected postgresql://, postgresql+asyncpg:// or postgres://user:password@host:port/db)", NULL},
-    {"DATABASE_URL", "postgresql://u:Pw1@h:99999/db", PG_BAD "port \"99999\" is not an integer in 1..65535",
-     "postgresql://u:***@h:99999/db"},
-    {"DATABASE_URL", "postgresql://u:Pw1@h:abc/db", PG_BAD "port \"abc\" is not an integer in 1..65535",
-     "postgresql://u:***@h:abc/db"},
+    {"DATABASE_URL", "",
+     "is not a PostgreSQL URL (expected postgresql://, postgresql+asyncpg:// or "
+     "postgres://user:password@host:port/db)",
+     NULL},
+    {"DATABASE_URL", "postgresql://u:Pw1@h:99999/db",
+     PG_BAD "port \"99999\" is not an integer in 1..65535", "postgresql://u:***@h:99999/db"},
+    {"DATABASE_URL", "postgresql://u:Pw1@h:abc/db",
+     PG_BAD "port \"abc\" is not an integer in 1..65535", "postgresql://u:***@h:abc/db"},
     {"DATABASE_URL", "postgresql://u:Pw1@/db", PG_BAD "it has no host", "postgresql://u:***@/db"},
-    {"DATABASE_URL", "postgresql://u:Pw1@h", PG_BAD "it has no database name", "postgresql://u:***@h"},
-    {"DATABASE_URL", "postgresql://:Pw1@h/db", PG_BAD "it has no user name", "postgresql://:***@h/db"},
+    {"DATABASE_URL", "postgresql://u:Pw1@h", PG_BAD "it has no database name",
+     "postgresql://u:***@h"},
+    {"DATABASE_URL", "postgresql://:Pw1@h/db", PG_BAD "it has no user name",
+     "postgresql://:***@h/db"},
     {"DATABASE_URL", "postgresql://u:Pw1@h/db?foo=1", PG_BAD "invalid URI query parameter: \"foo\"",
      "postgresql://u:***@h/db?foo=1"},
     {"DATABASE_URL", "postgresql://u:Pw1%zz@h/db", PG_BAD "invalid percent-encoded token: \"***\"",
      "postgresql://u:***@h/db"},
-    {"DATABASE_URL", "postgresql://u:p@h/db?param=1", PG_BAD "invalid URI query parameter: \"param\"",
-     "postgresql://u:***@h/db?param=1"},
+    {"DATABASE_URL", "postgresql://u:p@h/db?param=1",
+     PG_BAD "invalid URI query parameter: \"param\"", "postgresql://u:***@h/db?param=1"},
     {"DATABASE_URL", "postgresql://u:p%z@h/db", PG_BAD "invalid percent-encoded token: \"***\"",
      "postgresql://u:***@h/db"},
     {"DATABASE_URL", "postgresql://u:Pw1@[::1/db",
@@ -126,11 +135,13 @@ static const struct bad {
             "\"postgresql://u:***@[::1/db\"",
      "postgresql://u:***@[::1/db"},
     {"DATABASE_URL", "postgresql://u:Pw1@h/db?sslmode=sometimes",
-     PG_BAD "sslmode \"sometimes\" is not one of disable, allow, prefer, require, verify-ca, verify-full",
+     PG_BAD
+     "sslmode \"sometimes\" is not one of disable, allow, prefer, require, verify-ca, verify-full",
      "postgresql://u:***@h/db?sslmode=sometimes"},
-    {"DATABASE_URL", "postgresql://u:Pw 1@h/db", PG_BAD "it contains whitespace or control characters",
-     "postgresql://u:***@h/db"},
-    {"REDIS_URL", "rediss://h:6379/0", "uses TLS (rediss://), which hiredis 0.14 cannot do; expected " URL_FORM, NULL},
+    {"DATABASE_URL", "postgresql://u:Pw 1@h/db",
+     PG_BAD "it contains whitespace or control characters", "postgresql://u:***@h/db"},
+    {"REDIS_URL", "rediss://h:6379/0",
+     "uses TLS (rediss://), which hiredis 0.14 cannot do; expected " URL_FORM, NULL},
     {"REDIS_URL", "http://h", "is not a Redis URL (expected " URL_FORM ")", NULL},
     {"REDIS_URL", "redis://h:0/0", REDIS_BAD "port \"0\" is not an integer in 1..65535", NULL},
     {"REDIS_URL", "redis://:Pw1@h:99999", REDIS_BAD "port \"99999\" is not an integer in 1..65535",
@@ -139,13 +150,15 @@ static const struct bad {
     {"REDIS_URL", "redis://h:6379/0?timeout=1",
      REDIS_BAD "query parameters and fragments are not supported (expected " URL_FORM ")", NULL},
     {"REDIS_URL", "redis://", REDIS_BAD "it has no host", NULL},
-    {"REDIS_URL", "redis://bad_host!/0", REDIS_BAD "\"bad_host!\" is not an IP address or host name", NULL},
+    {"REDIS_URL", "redis://bad_host!/0",
+     REDIS_BAD "\"bad_host!\" is not an IP address or host name", NULL},
     {"REDIS_URL", "redis://:p%zz@h/0", REDIS_BAD "bad percent-escape or over-long user or password",
      "redis://:***@h/0"},
-    {"REDIS_URL", "redis://:ab%00cd@h/0", REDIS_BAD "bad percent-escape or over-long user or password",
-     "redis://:***@h/0"},
+    {"REDIS_URL", "redis://:ab%00cd@h/0",
+     REDIS_BAD "bad percent-escape or over-long user or password", "redis://:***@h/0"},
     {"KAFKA_BROKERS", "", "has an empty broker entry (expected host:port[,host:port...])", NULL},
-    {"KAFKA_BROKERS", "a:1,,b:2", "has an empty broker entry (expected host:port[,host:port...])", NULL},
+    {"KAFKA_BROKERS", "a:1,,b:2", "has an empty broker entry (expected host:port[,host:port...])",
+     NULL},
     {"KAFKA_BROKERS", "h:0", "has broker \"h:0\"" BROKER_EXP, NULL},
     {"KAFKA_BROKERS", "a:1, h:abc", "has broker \"h:abc\"" BROKER_EXP, NULL},
     {"KAFKA_BROKERS", "bad host:1", "has broker \"bad host:1\"" BROKER_EXP, NULL},
@@ -172,16 +185,24 @@ static const struct bad {
     {"RATE_LIMIT_FAIL_OPEN", "nope", BOOL_EXP, NULL},
     {"RATE_LIMIT_TIMEOUT_MS", "0", "is not an integer in 1..60000", NULL},
     {"RATE_LIMIT_TIMEOUT_MS", "60001", "is not an integer in 1..60000", NULL},
-    {"RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.1,bogus", "has \"bogus\", which is not an IP address or address/prefix", NULL},
-    {"RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.0/33", "has \"10.0.0.0/33\", which is not an IP address or address/prefix", NULL},
-    {"RATE_LIMIT_TRUSTED_PROXIES", "::1/129", "has \"::1/129\", which is not an IP address or address/prefix", NULL},
-    {"RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.0/", "has \"10.0.0.0/\", which is not an IP address or address/prefix", NULL},
+    {"RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.1,bogus",
+     "has \"bogus\", which is not an IP address or address/prefix", NULL},
+    {"RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.0/33",
+     "has \"10.0.0.0/33\", which is not an IP address or address/prefix", NULL},
+    {"RATE_LIMIT_TRUSTED_PROXIES", "::1/129",
+     "has \"::1/129\", which is not an IP address or address/prefix", NULL},
+    {"RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.0/",
+     "has \"10.0.0.0/\", which is not an IP address or address/prefix", NULL},
     {"RATE_LIMIT_TRUSTED_PROXIES", "1.2.3.4,", PROXY_EMPTY, NULL},
     {"RATE_LIMIT_METHOD_LIMITS", "Foo=1",
-     "has unknown method \"Foo\" (expected AuthorizePayment, GetPayment or GetAccountBalance)", NULL},
+     "has unknown method \"Foo\" (expected AuthorizePayment, GetPayment or GetAccountBalance)",
+     NULL},
     {"RATE_LIMIT_METHOD_LIMITS", "GetPayment",
-     "has \"GetPayment\", expected Method=LIMIT entries such as GetPayment=1000,AuthorizePayment=50", NULL},
-    {"RATE_LIMIT_METHOD_LIMITS", "GetPayment=0", "has GetPayment=\"0\", expected a limit in 1..1000000000", NULL},
+     "has \"GetPayment\", expected Method=LIMIT entries such as "
+     "GetPayment=1000,AuthorizePayment=50",
+     NULL},
+    {"RATE_LIMIT_METHOD_LIMITS", "GetPayment=0",
+     "has GetPayment=\"0\", expected a limit in 1..1000000000", NULL},
     {"RATE_LIMIT_METHOD_LIMITS", "GetPayment=1,getpayment=2", "names GetPayment twice", NULL},
     {"OUTBOX_BATCH_SIZE", "0", "is not an integer in 1..10000", NULL},
     {"OUTBOX_BATCH_SIZE", "10001", "is not an integer in 1..10000", NULL},
@@ -190,7 +211,8 @@ static const struct bad {
     {"OUTBOX_MAX_RETRIES", "-1", "is not an integer in 0..1000", NULL},
     {"OUTBOX_BASE_DELAY_SECONDS", "0", DUR_EXP("0.001", "3600"), NULL},
     {"OUTBOX_MAX_DELAY_SECONDS", "1e9", DUR_EXP("0.001", "86400"), NULL},
-    {"KAFKA_TOPIC_PREFIX", "", "is empty; expected a Kafka topic prefix of letters, digits, '.', '_' or '-'", NULL},
+    {"KAFKA_TOPIC_PREFIX", "",
+     "is empty; expected a Kafka topic prefix of letters, digits, '.', '_' or '-'", NULL},
     {"KAFKA_TOPIC_PREFIX", "pay ments", TOPIC_CHARS, NULL},
     {"KAFKA_TOPIC_PREFIX", "a/b", TOPIC_CHARS, NULL},
     {"LOG_LEVEL", "verbose", "is not one of DEBUG, INFO, WARNING, WARN, ERROR", NULL},
@@ -206,18 +228,43 @@ static const struct bad {
     {"IDEMPOTENCY_TTL_HOURS", "0", "is not an integer in 1..87600", NULL},
     {"MAX_AMOUNT_CENTS", "0", "is not an integer in 1..9223372036854775807", NULL},
     {"MAX_AMOUNT_CENTS", "-5", "is not an integer in 1..9223372036854775807", NULL},
-    {"MAX_AMOUNT_CENTS", "9223372036854775808", "is not an integer in 1..9223372036854775807", NULL},
+    {"MAX_AMOUNT_CENTS", "9223372036854775808", "is not an integer in 1..9223372036854775807",
+     NULL},
 };
 
 static const char *const all_vars[] = {
-    "DATABASE_URL", "REDIS_URL", "KAFKA_BROKERS", "REDPANDA_BROKERS", "GRPC_HOST", "GRPC_PORT",
-    "GRPC_CQ_THREADS", "GRPC_MAX_RECEIVE_BYTES", "METRICS_ENABLED", "METRICS_HOST", "METRICS_PORT",
-    "RATE_LIMIT_ENABLED", "RATE_LIMIT_MAX_REQUESTS", "RATE_LIMIT_WINDOW_SECONDS",
-    "RATE_LIMIT_FAIL_OPEN", "RATE_LIMIT_TIMEOUT_MS", "RATE_LIMIT_TRUSTED_PROXIES",
-    "RATE_LIMIT_METHOD_LIMITS", "OUTBOX_BATCH_SIZE", "OUTBOX_POLL_INTERVAL_SECONDS",
-    "OUTBOX_MAX_RETRIES", "OUTBOX_BASE_DELAY_SECONDS", "OUTBOX_MAX_DELAY_SECONDS",
-    "KAFKA_TOPIC_PREFIX", "LOG_LEVEL", "LOG_FORMAT", "ENVIRONMENT", "SHUTDOWN_GRACE_SECONDS",
-    "DB_POOL_SIZE", "LEDGER_BATCH_MAX", "IDEMPOTENCY_SCOPE", "IDEMPOTENCY_TTL_HOURS",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "KAFKA_BROKERS",
+    "REDPANDA_BROKERS",
+    "GRPC_HOST",
+    "GRPC_PORT",
+    "GRPC_CQ_THREADS",
+    "GRPC_MAX_RECEIVE_BYTES",
+    "METRICS_ENABLED",
+    "METRICS_HOST",
+    "METRICS_PORT",
+    "RATE_LIMIT_ENABLED",
+    "RATE_LIMIT_MAX_REQUESTS",
+    "RATE_LIMIT_WINDOW_SECONDS",
+    "RATE_LIMIT_FAIL_OPEN",
+    "RATE_LIMIT_TIMEOUT_MS",
+    "RATE_LIMIT_TRUSTED_PROXIES",
+    "RATE_LIMIT_METHOD_LIMITS",
+    "OUTBOX_BATCH_SIZE",
+    "OUTBOX_POLL_INTERVAL_SECONDS",
+    "OUTBOX_MAX_RETRIES",
+    "OUTBOX_BASE_DELAY_SECONDS",
+    "OUTBOX_MAX_DELAY_SECONDS",
+    "KAFKA_TOPIC_PREFIX",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "ENVIRONMENT",
+    "SHUTDOWN_GRACE_SECONDS",
+    "DB_POOL_SIZE",
+    "LEDGER_BATCH_MAX",
+    "IDEMPOTENCY_SCOPE",
+    "IDEMPOTENCY_TTL_HOURS",
     "MAX_AMOUNT_CENTS",
 };
 
@@ -242,8 +289,8 @@ static void test_invalid_values_env(void **state)
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char kv[512], want[1024];
         snprintf(kv, sizeof kv, "%s=%s", bad[i].var, bad[i].value);
-        snprintf(want, sizeof want, "%s: \"%s\" %s", bad[i].var, bad[i].shown ? bad[i].shown : bad[i].value,
-                 bad[i].why);
+        snprintf(want, sizeof want, "%s: \"%s\" %s", bad[i].var,
+                 bad[i].shown ? bad[i].shown : bad[i].value, bad[i].why);
         paymentd_settings_t s;
         char *env[] = {kv, NULL};
         int rc = load(&s, env, NULL);
@@ -264,8 +311,8 @@ static void test_invalid_values_flags(void **state)
         char flag[128], arg[512], want[1024];
         flag_of(flag, sizeof flag, bad[i].var);
         snprintf(arg, sizeof arg, "%s=%s", flag, bad[i].value);
-        snprintf(want, sizeof want, "%s: \"%s\" %s", flag, bad[i].shown ? bad[i].shown : bad[i].value,
-                 bad[i].why);
+        snprintf(want, sizeof want, "%s: \"%s\" %s", flag,
+                 bad[i].shown ? bad[i].shown : bad[i].value, bad[i].why);
         paymentd_settings_t s;
         char *args[] = {arg, NULL};
         int rc = load(&s, NULL, args);
@@ -292,8 +339,10 @@ static void test_topic_prefix_length(void **state)
     assert_int_equal(load(&s, env, NULL), -EINVAL);
     memset(v, 'p', 200);
     v[200] = '\0';
-    snprintf(want, sizeof want, "KAFKA_TOPIC_PREFIX: \"%s...\" is longer than 231 characters (Kafka topic "
-                                "names are at most 249, with \".paymentauthorized\" appended)", v);
+    snprintf(want, sizeof want,
+             "KAFKA_TOPIC_PREFIX: \"%s...\" is longer than 231 characters (Kafka topic "
+             "names are at most 249, with \".paymentauthorized\" appended)",
+             v);
     assert_string_equal(err, want);
 }
 
@@ -324,20 +373,22 @@ static void test_database_url_forms(void **state)
         int port;
     } cases[] = {
         {"postgresql+asyncpg://app:p%40ss@db.internal:6543/ledger",
-         "postgresql://app:p%40ss@db.internal:6543/ledger", "db.internal", "app", "p@ss", "ledger", 6543},
-        {"postgres://app:pw@10.1.2.3/ledger", "postgresql://app:pw@10.1.2.3/ledger", "10.1.2.3", "app",
-         "pw", "ledger", 5432},
-        {"postgresql://app@[::1]:5433/ledger", "postgresql://app@[::1]:5433/ledger", "::1", "app", "",
-         "ledger", 5433},
+         "postgresql://app:p%40ss@db.internal:6543/ledger", "db.internal", "app", "p@ss", "ledger",
+         6543},
+        {"postgres://app:pw@10.1.2.3/ledger", "postgresql://app:pw@10.1.2.3/ledger", "10.1.2.3",
+         "app", "pw", "ledger", 5432},
+        {"postgresql://app@[::1]:5433/ledger", "postgresql://app@[::1]:5433/ledger", "::1", "app",
+         "", "ledger", 5433},
         {"postgresql+asyncpg://app:pw@h/l?ssl=true", "postgresql://app:pw@h/l?sslmode=require", "h",
          "app", "pw", "l", 5432},
         {"postgresql+asyncpg://app:pw@h/l?ssl=false&application_name=x",
          "postgresql://app:pw@h/l?sslmode=disable&application_name=x", "h", "app", "pw", "l", 5432},
         {"postgresql://app:pw@h1:5432,h2:5433/l?target_session_attrs=read-write",
-         "postgresql://app:pw@h1:5432,h2:5433/l?target_session_attrs=read-write", "h1,h2", "app", "pw",
-         "l", 5432},
-        {"postgresql:///l?host=/var/run/postgresql&user=app", "postgresql:///l?host=/var/run/postgresql&user=app",
-         "/var/run/postgresql", "app", "", "l", 5432},
+         "postgresql://app:pw@h1:5432,h2:5433/l?target_session_attrs=read-write", "h1,h2", "app",
+         "pw", "l", 5432},
+        {"postgresql:///l?host=/var/run/postgresql&user=app",
+         "postgresql:///l?host=/var/run/postgresql&user=app", "/var/run/postgresql", "app", "", "l",
+         5432},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char kv[300];
@@ -390,8 +441,7 @@ static void test_lists(void **state)
     char *env[] = {"KAFKA_BROKERS= a:1 , b.example:9092,[::1]:9093,c ",
                    "RATE_LIMIT_TRUSTED_PROXIES=10.0.0.1, 192.168.0.0/16 ,::1,fd00::/8",
                    "RATE_LIMIT_METHOD_LIMITS=GetPayment=1000, AuthorizePayment = 50",
-                   "GRPC_HOST=[::]",
-                   NULL};
+                   "GRPC_HOST=[::]", NULL};
     if (load(&s, env, NULL) != 0)
         fail_msg("%s", err);
     assert_string_equal(s.kafka_brokers, "a:1,b.example:9092,[::1]:9093,c");
@@ -417,7 +467,8 @@ static void test_lists(void **state)
     assert_int_equal(s.limit_get_account_balance, 0);
     paymentd_settings_free(&s);
 
-    char *env2[] = {"RATE_LIMIT_METHOD_LIMITS=/payment.v1.PaymentService/GetAccountBalance=7", NULL};
+    char *env2[] = {"RATE_LIMIT_METHOD_LIMITS=/payment.v1.PaymentService/GetAccountBalance=7",
+                    NULL};
     assert_int_equal(load(&s, env2, NULL), 0);
     assert_int_equal(s.limit_get_account_balance, 7);
     paymentd_settings_free(&s);
@@ -426,9 +477,16 @@ static void test_lists(void **state)
 static void test_flags_override_env(void **state)
 {
     paymentd_settings_t s;
-    char *env[] = {"GRPC_PORT=1111", "LOG_LEVEL=error", "METRICS_ENABLED=false", "DB_POOL_SIZE=8", NULL};
-    char *args[] = {"--grpc-port", "2222", "--log-level=debug", "--metrics-enabled", "--log-format",
-                    "Console", "--outbox-poll-interval-seconds=250ms", NULL};
+    char *env[] = {"GRPC_PORT=1111", "LOG_LEVEL=error", "METRICS_ENABLED=false", "DB_POOL_SIZE=8",
+                   NULL};
+    char *args[] = {"--grpc-port",
+                    "2222",
+                    "--log-level=debug",
+                    "--metrics-enabled",
+                    "--log-format",
+                    "Console",
+                    "--outbox-poll-interval-seconds=250ms",
+                    NULL};
     assert_int_equal(load(&s, env, args), 0);
     assert_int_equal(s.grpc_port, 2222);
     assert_int_equal(s.log_level, LOG_DEBUG);
@@ -445,9 +503,9 @@ static void test_booleans(void **state)
         const char *text;
         bool want;
     } cases[] = {
-        {"true", true}, {"True", true}, {"1", true},     {"yes", true},  {"YES", true},
+        {"true", true}, {"True", true}, {"1", true},      {"yes", true},    {"YES", true},
         {"on", true},   {"On", true},   {"false", false}, {"FALSE", false}, {"0", false},
-        {"no", false},  {"No", false},  {"off", false},  {"OFF", false}, {" off ", false},
+        {"no", false},  {"No", false},  {"off", false},   {"OFF", false},   {" off ", false},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char e1[64], e2[64], e3[64], f1[64];
@@ -492,14 +550,16 @@ static void test_production_rules(void **state)
 {
     static const char *const refused_default =
         "ENVIRONMENT=production refuses the default DATABASE_URL "
-        "(postgresql://payment:***@localhost:5432/payment_db); set DATABASE_URL to the production database";
-    static const char *const no_password =
-        "ENVIRONMENT=production requires a password in DATABASE_URL (postgresql://user:password@host:port/db)";
+        "(postgresql://payment:***@localhost:5432/payment_db); set DATABASE_URL to the production "
+        "database";
+    static const char *const no_password = "ENVIRONMENT=production requires a password in "
+                                           "DATABASE_URL (postgresql://user:password@host:port/db)";
     static const struct {
         const char *env, *url, *err;
     } cases[] = {
         {"ENVIRONMENT=production", NULL, refused_default},
-        {"ENVIRONMENT=PRODUCTION", "DATABASE_URL=postgresql+asyncpg://payment:payment@localhost:5432/payment_db",
+        {"ENVIRONMENT=PRODUCTION",
+         "DATABASE_URL=postgresql+asyncpg://payment:payment@localhost:5432/payment_db",
          refused_default},
         {"ENVIRONMENT=production", "DATABASE_URL=postgresql://app@db/ledger", no_password},
         {"ENVIRONMENT=production", "DATABASE_URL=postgresql://app:@db/ledger", no_password},
@@ -523,7 +583,8 @@ static void test_production_rules(void **state)
         }
     }
     paymentd_settings_t s;
-    char *env[] = {"ENVIRONMENT=production", "DATABASE_URL=postgresql://app:Str0ng@db/ledger", NULL};
+    char *env[] = {"ENVIRONMENT=production", "DATABASE_URL=postgresql://app:Str0ng@db/ledger",
+                   NULL};
     assert_int_equal(load(&s, env, NULL), 0);
     assert_int_equal(s.environment, PAYMENTD_ENV_PRODUCTION);
     paymentd_settings_free(&s);
@@ -534,7 +595,8 @@ static void test_cross_rules(void **state)
     paymentd_settings_t s;
     char *e1[] = {"OUTBOX_BASE_DELAY_SECONDS=120", NULL};
     assert_int_equal(load(&s, e1, NULL), -EINVAL);
-    assert_string_equal(err, "OUTBOX_BASE_DELAY_SECONDS (120) must not exceed OUTBOX_MAX_DELAY_SECONDS (60)");
+    assert_string_equal(
+        err, "OUTBOX_BASE_DELAY_SECONDS (120) must not exceed OUTBOX_MAX_DELAY_SECONDS (60)");
 
     char *e2[] = {"GRPC_PORT=9090", NULL};
     assert_int_equal(load(&s, e2, NULL), -EINVAL);
@@ -566,7 +628,8 @@ static void test_help(void **state)
         char flag[128];
         flag_of(flag, sizeof flag, all_vars[v]);
         if (strcmp(all_vars[v], "REDPANDA_BROKERS") == 0) {
-            assert_non_null(strstr(text, "env KAFKA_BROKERS (alias REDPANDA_BROKERS); default: localhost:19092\n"));
+            assert_non_null(strstr(
+                text, "env KAFKA_BROKERS (alias REDPANDA_BROKERS); default: localhost:19092\n"));
             continue;
         }
         char line[256];
@@ -579,17 +642,21 @@ static void test_help(void **state)
     }
     assert_non_null(strstr(text, "  --database-url <text>\n      env DATABASE_URL; default: "
                                  "postgresql://payment:***@localhost:5432/payment_db\n"));
-    assert_non_null(strstr(text, "  --grpc-port <integer 0..65535>\n      env GRPC_PORT; default: 50051\n"));
-    assert_non_null(strstr(text, "  --log-level <DEBUG|INFO|WARNING|WARN|ERROR>\n      env LOG_LEVEL; default: INFO\n"));
-    assert_non_null(strstr(text, "  --rate-limit-trusted-proxies <text>\n      env RATE_LIMIT_TRUSTED_PROXIES; default: empty\n"));
+    assert_non_null(
+        strstr(text, "  --grpc-port <integer 0..65535>\n      env GRPC_PORT; default: 50051\n"));
+    assert_non_null(strstr(
+        text,
+        "  --log-level <DEBUG|INFO|WARNING|WARN|ERROR>\n      env LOG_LEVEL; default: INFO\n"));
+    assert_non_null(strstr(text, "  --rate-limit-trusted-proxies <text>\n      env "
+                                 "RATE_LIMIT_TRUSTED_PROXIES; default: empty\n"));
     free(text);
 }
 
 static void test_effective_config_logged_masked(void **state)
 {
     paymentd_settings_t s;
-    char *env[] = {"DATABASE_URL=postgresql://app:DbS3cret@db:5432/ledger", "REDIS_URL=redis://:RdS3cret@r:6379/1",
-                   "GRPC_PORT=0", NULL};
+    char *env[] = {"DATABASE_URL=postgresql://app:DbS3cret@db:5432/ledger",
+                   "REDIS_URL=redis://:RdS3cret@r:6379/1", "GRPC_PORT=0", NULL};
     assert_int_equal(load(&s, env, NULL), 0);
     int p[2];
     assert_int_equal(pipe(p), 0);
@@ -614,8 +681,10 @@ static void test_effective_config_logged_masked(void **state)
     assert_non_null(strstr(buf, "\"REDIS_URL\":\"redis://:***@r:6379/1\""));
     assert_non_null(strstr(buf, "\"GRPC_PORT\":\"0\""));
     assert_non_null(strstr(buf, "\"MAX_AMOUNT_CENTS\":\"1000000000000000\""));
-    assert_non_null(strstr(buf, "\"overridden\":\"DATABASE_URL=env,REDIS_URL=env,GRPC_PORT=env\"}\n"));
-    assert_non_null(strstr(buf, " DATABASE_URL=postgresql://app:***@db:5432/ledger REDIS_URL=redis://:***@r:6379/1 "));
+    assert_non_null(
+        strstr(buf, "\"overridden\":\"DATABASE_URL=env,REDIS_URL=env,GRPC_PORT=env\"}\n"));
+    assert_non_null(strstr(
+        buf, " DATABASE_URL=postgresql://app:***@db:5432/ledger REDIS_URL=redis://:***@r:6379/1 "));
     paymentd_settings_free(&s);
 }
 
