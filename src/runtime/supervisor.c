@@ -362,10 +362,13 @@ bool supervisor_healthy(const supervisor_t *s)
 {
     /* The mutex is not part of the observable state; locking it does not modify s. */
     supervisor_t *m = (supervisor_t *)s;
-    uint64_t now = time_now_ns();
+    uint64_t now;
     bool healthy = true;
 
+    /* now is read under mu: read before it, a spawn in between (started_ns > now) would
+     * make now - started_ns wrap around and call a brand-new incarnation stable. */
     pthread_mutex_lock(&m->mu);
+    now = time_now_ns();
     for (size_t i = 0; i < m->n && healthy; i++) {
         const actor_t *a = m->actors[i];
         bool clean_again;
@@ -375,7 +378,7 @@ bool supervisor_healthy(const supervisor_t *s)
         /* Recovered once the current incarnation has run cleanly for stable_ns. */
         clean_again = a->state == ACTOR_RUNNING &&
                       atomic_load_explicit(&a->st_up, memory_order_relaxed) &&
-                      now - a->started_ns >= m->cfg.stable_ns;
+                      now >= a->started_ns && now - a->started_ns >= m->cfg.stable_ns;
         if (!clean_again)
             healthy = false;
     }
