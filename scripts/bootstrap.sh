@@ -8,7 +8,7 @@ PACKAGES=(
   libgrpc-dev protobuf-compiler libprotobuf-dev protobuf-c-compiler libprotobuf-c-dev grpc-proto
   libck-dev libpq-dev libhiredis-dev librdkafka-dev libjemalloc-dev libcmocka-dev libssl-dev
   postgresql postgresql-contrib redis-server redis-tools kcat nghttp2-client prometheus valgrind
-  procps iproute2 util-linux
+  procps iproute2 util-linux python3
 )
 
 missing=()

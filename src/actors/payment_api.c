@@ -26,6 +26,37 @@ const char *payment_method_path(payment_method_t method)
     return "unknown";
 }
 
+/* Room for the caller's trailers plus the two rate-limit ones. */
+#define PAYMENT_TRAILERS_MAX 16
+
+typedef struct rl_trailers {
+    rpc_md_t md[PAYMENT_TRAILERS_MAX];
+    char limit[24], remaining[24];
+} rl_trailers_t;
+
+/* The caller's trailers, plus x-ratelimit-limit/-remaining when the message carries a
+ * rate-limit verdict (rl_limit > 0). */
+static const rpc_md_t *with_rl_trailers(rl_trailers_t *t, const payment_msg_t *m,
+                                        const rpc_md_t *trailers, size_t *ntrailers)
+{
+    if (m->rl_limit <= 0)
+        return trailers;
+    size_t n = *ntrailers;
+    if (n + 2 > PAYMENT_TRAILERS_MAX) {
+        LOG_ERROR(MOD, "%zu trailers: no room for the rate-limit ones", n);
+        return trailers;
+    }
+    for (size_t i = 0; i < n; i++)
+        t->md[i] = trailers[i];
+    snprintf(t->limit, sizeof(t->limit), "%lld", (long long)m->rl_limit);
+    snprintf(t->remaining, sizeof(t->remaining), "%lld",
+             (long long)(m->rl_remaining < 0 ? 0 : m->rl_remaining));
+    t->md[n++] = (rpc_md_t){"x-ratelimit-limit", t->limit};
+    t->md[n++] = (rpc_md_t){"x-ratelimit-remaining", t->remaining};
+    *ntrailers = n;
+    return t->md;
+}
+
 int payment_msg_reply(payment_msg_t *m, const ProtobufCMessage *resp, const rpc_md_t *trailers,
                       size_t ntrailers)
 {
@@ -33,6 +64,8 @@ int payment_msg_reply(payment_msg_t *m, const ProtobufCMessage *resp, const rpc_
     if (!call)
         return -EALREADY;
     m->call = NULL;
+    rl_trailers_t t;
+    trailers = with_rl_trailers(&t, m, trailers, &ntrailers);
     return rpc_call_reply(call, resp, trailers, ntrailers);
 }
 
@@ -43,6 +76,8 @@ int payment_msg_fail(payment_msg_t *m, grpc_status_code code, const char *messag
     if (!call)
         return -EALREADY;
     m->call = NULL;
+    rl_trailers_t t;
+    trailers = with_rl_trailers(&t, m, trailers, &ntrailers);
     return rpc_call_fail(call, code, message, trailers, ntrailers);
 }
 
@@ -111,7 +146,7 @@ static void handle(rpc_call_t *call, const ProtobufCMessage *req, const uint8_t 
     m->hdr.deadline_ns = rpc_call_deadline_ns(call);
     m->call = call;
     m->req.any = req;
-    rc = actor_send(r->api->target, &m->hdr);
+    rc = r->api->target ? actor_send(r->api->target, &m->hdr) : payment_api_dispatch(r->api, m);
     if (rc < 0) {
         /* Refused: the message (and the call) are still ours. */
         m->call = NULL;
@@ -121,6 +156,19 @@ static void handle(rpc_call_t *call, const ProtobufCMessage *req, const uint8_t 
                                     : "server shutting down; retry",
                       NULL, 0);
     }
+}
+
+actor_t *payment_api_route(payment_api_t *api, const payment_msg_t *m)
+{
+    return api->route ? api->route(api->route_ctx, m) : NULL;
+}
+
+int payment_api_dispatch(payment_api_t *api, payment_msg_t *m)
+{
+    actor_t *to = payment_api_route(api, m);
+    if (!to)
+        return -ENOENT;
+    return actor_send(to, &m->hdr);
 }
 
 int payment_api_register(rpc_server_t *srv, payment_api_t *api)

@@ -15,6 +15,7 @@
 #define PAY_ACTORS_PAYMENT_API_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "io/grpc_server.h"
 #include "payment/v1/payment.pb-c.h"
@@ -39,6 +40,11 @@ typedef struct payment_msg {
         const Payment__V1__GetAccountBalanceRequest *get_balance;
         const ProtobufCMessage *any;
     } req;
+    /* Rate-limit verdict, set by the ratelimit actor: when rl_limit > 0, payment_msg_reply
+     * and payment_msg_fail append x-ratelimit-limit / x-ratelimit-remaining to the
+     * trailers, whichever actor answers. */
+    int64_t rl_limit;
+    int64_t rl_remaining;
 } payment_msg_t;
 
 typedef struct payment_api payment_api_t;
@@ -50,7 +56,12 @@ typedef struct payment_api_route {
 } payment_api_route_t;
 
 struct payment_api {
-    actor_t *target; /* receives every valid request; outlives the server */
+    actor_t *target; /* the first hop of every valid request (the rate limiter); NULL = the
+                        router below; outlives the server */
+    /* The router (the ledger pool): the actor that serves m (ledger_pool_route). Any
+     * thread. route_ctx outlives the server. */
+    actor_t *(*route)(void *route_ctx, const payment_msg_t *m);
+    void *route_ctx;
     payment_api_route_t _routes[3];
 };
 
@@ -59,6 +70,12 @@ int payment_api_register(rpc_server_t *srv, payment_api_t *api);
 
 /** The full method path of a payment method ("/payment.v1.PaymentService/GetPayment"). */
 const char *payment_method_path(payment_method_t method);
+
+/** The actor the router picks for m (NULL without a router). Any thread. */
+actor_t *payment_api_route(payment_api_t *api, const payment_msg_t *m);
+/** Routes m and pushes it to that actor's mailbox (any thread). 0: the actor owns m;
+ *  -EAGAIN (full) / -ESHUTDOWN (closed) / -ENOENT (no router): the caller still owns m. */
+int payment_api_dispatch(payment_api_t *api, payment_msg_t *m);
 
 /** Ends m's call with OK and resp (+ trailing metadata); m keeps no call afterwards. */
 int payment_msg_reply(payment_msg_t *m, const ProtobufCMessage *resp, const rpc_md_t *trailers,

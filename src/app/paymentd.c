@@ -6,8 +6,13 @@
  * GRPC_HOST:GRPC_PORT. Port 0 picks a free port; the log line "grpc listening on H:P"
  * (field grpc_port) and --port-file F tell which.
  *
+ * The database: the embedded migrations are applied at start (pg_migrate, under its
+ * advisory lock); if PostgreSQL cannot be reached yet the server still starts and the main
+ * loop retries every second, while the ledger actors answer UNAVAILABLE.
+ *
  * The main thread then waits for SIGTERM/SIGINT (blocked in every thread, taken with
- * sigtimedwait), waking once a second to mirror the supervisor's health. Shutdown:
+ * sigtimedwait), waking once a second to mirror health: SERVING when the migrations are
+ * applied, the critical actors run and every ledger connection is up. Shutdown:
  * health NOT_SERVING (Watch streams see it) → stop accepting → in-flight calls finish
  * within SHUTDOWN_GRACE_SECONDS → mailboxes drain (supervisor_shutdown; calls still held
  * at its deadline end UNAVAILABLE) → remaining calls (open streams) are cancelled → the
@@ -23,9 +28,12 @@
 
 #include "actors/ledger.h"
 #include "actors/payment_api.h"
+#include "actors/ratelimit.h"
 #include "app/paymentd_settings.h"
 #include "io/grpc_server.h"
 #include "io/health.h"
+#include "io/migrations.h"
+#include "io/pg.h"
 #include "io/reflection.h"
 #include "runtime/log.h"
 #include "runtime/msg.h"
@@ -112,9 +120,82 @@ static int respond_reflection(void *arg, const uint8_t *req, size_t req_len, uin
     return reflection_respond(arg, req, req_len, resp, resp_len);
 }
 
+/* The rate limiter's next hop: the ledger router. */
+static int forward_to_ledger(void *arg, payment_msg_t *m)
+{
+    return payment_api_dispatch(arg, m);
+}
+
+/* RATE_LIMIT_ENABLED: the rate limiter becomes the first hop of every valid request. */
+static int add_ratelimit(ratelimit_t **out, supervisor_t *sup, const paymentd_settings_t *cfg,
+                         payment_api_t *api)
+{
+    ratelimit_config_t rcfg = {
+        .redis_host = cfg->redis.host,
+        .redis_port = cfg->redis.port,
+        .redis_user = cfg->redis.user,
+        .redis_password = cfg->redis.password,
+        .redis_db = cfg->redis.db,
+        .max_requests = cfg->rate_limit_max_requests,
+        .window_seconds = cfg->rate_limit_window_seconds,
+        .fail_open = cfg->rate_limit_fail_open,
+        .timeout_ms = cfg->rate_limit_timeout_ms,
+        .method_limit = {0, cfg->limit_authorize_payment, cfg->limit_get_payment,
+                         cfg->limit_get_account_balance},
+        .forward = forward_to_ledger,
+        .forward_arg = api,
+    };
+    ratelimit_net_t nets[RATELIMIT_MAX_TRUSTED];
+    for (size_t i = 0; i < cfg->trusted_proxies_n && i < RATELIMIT_MAX_TRUSTED; i++) {
+        nets[i].family = cfg->trusted_proxies[i].family;
+        memcpy(nets[i].addr, cfg->trusted_proxies[i].addr, 16);
+        nets[i].prefix_len = cfg->trusted_proxies[i].prefix_len;
+        rcfg.ntrusted = i + 1;
+    }
+    rcfg.trusted = nets;
+    int rc = ratelimit_actor_add(out, sup, &rcfg);
+    if (rc == 0)
+        api->target = ratelimit_actor(*out);
+    return rc;
+}
+
 static uint64_t seconds_ns(double s)
 {
     return s <= 0 ? 0 : (uint64_t)(s * 1e9);
+}
+
+/* Applies the embedded migrations (pg_migrate: advisory lock, so several instances may
+ * start at once) and opens the ledger's gate. False when the database cannot be reached
+ * yet: the main loop retries every tick, health stays NOT_SERVING meanwhile. */
+static bool migrate_database(const paymentd_settings_t *cfg, ledger_pool_t *ledger)
+{
+    char err[768];
+    PGconn *c = NULL;
+    static bool warned; /* main thread only: one warning per start, not one per tick */
+    int rc = pg_connect(&c, cfg->database_url, "paymentd-migrate", 2000, err, sizeof(err));
+    if (rc < 0) {
+        if (!warned)
+            LOG_WARNING(MOD, "migrations not applied yet (retrying every second): %s", err);
+        warned = true;
+        return false;
+    }
+    pg_migrate_result_t res;
+    rc = pg_migrate(c, migrations_all(), 10000, NULL, NULL, &res, err, sizeof(err));
+    PQfinish(c);
+    if (rc < 0) {
+        LOG_ERROR(MOD, "migrations failed: %s", err);
+        return false;
+    }
+    LOG_INFO(MOD, "database schema version %d (%d migrations applied now, %d already)", res.version,
+             res.applied, res.already);
+    ledger_pool_set_schema_ready(ledger, true);
+    return true;
+}
+
+/* Health: the critical actors run, the schema is there, and every ledger connection is up. */
+static bool serving(const supervisor_t *sup, const ledger_pool_t *ledger, bool migrated)
+{
+    return migrated && supervisor_healthy(sup) && ledger_pool_db_up(ledger);
 }
 
 int main(int argc, char **argv)
@@ -160,6 +241,9 @@ int main(int argc, char **argv)
     rpc_server_t *srv = NULL;
     bool health_ready = false, sup_started = false;
     payment_api_t api = {0};
+    ledger_pool_t *ledger = NULL;
+    ratelimit_t *ratelimit = NULL;
+    bool migrated = false;
 
     if ((rc = health_init(SERVICES, 1)) < 0) {
         LOG_ERROR(MOD, "cannot initialize health: %s", strerror(-rc));
@@ -170,16 +254,35 @@ int main(int argc, char **argv)
         LOG_ERROR(MOD, "cannot create the supervisor: %s", strerror(-rc));
         goto cleanup;
     }
-    ledger_config_t lcfg = {.batch_max = (size_t)cfg.ledger_batch_max};
-    if ((rc = ledger_actor_add(sup, &lcfg, &api.target)) < 0) {
-        LOG_ERROR(MOD, "cannot add the ledger actor: %s", strerror(-rc));
+    ledger_config_t lcfg = {
+        .batch_max = (size_t)cfg.ledger_batch_max,
+        .conninfo = cfg.database_url,
+        .pool_size = (unsigned)cfg.db_pool_size,
+        .idempotency_per_client = cfg.idempotency_scope == PAYMENTD_IDEMPOTENCY_CLIENT,
+        .idempotency_ttl_hours = cfg.idempotency_ttl_hours,
+        .max_amount_cents = cfg.max_amount_cents,
+    };
+    /* Added first, so shutdown drains it first, into ledger mailboxes still open. */
+    if (cfg.rate_limit_enabled && (rc = add_ratelimit(&ratelimit, sup, &cfg, &api)) < 0) {
+        LOG_ERROR(MOD, "cannot add the rate limiter: %s", strerror(-rc));
         goto cleanup;
     }
+    rc = ledger_pool_add(&ledger, sup, &lcfg);
+    if (rc < 0) {
+        LOG_ERROR(MOD, "cannot add the ledger actors: %s", strerror(-rc));
+        goto cleanup;
+    }
+    api.route = ledger_pool_route;
+    api.route_ctx = ledger;
     if ((rc = supervisor_start(sup)) < 0) {
         LOG_ERROR(MOD, "cannot start the actors: %s", strerror(-rc));
         goto cleanup;
     }
     sup_started = true;
+    /* Before listening: a server that announces its port is ready when the database is. */
+    migrated = migrate_database(&cfg, ledger);
+    for (int i = 0; migrated && i < 300 && !ledger_pool_db_up(ledger); i++)
+        nanosleep(&(struct timespec){.tv_nsec = 10000000}, NULL);
     if ((rc = reflection_create(&refl, pay_descriptor_set, pay_descriptor_set_len, SERVICES,
                                 NSERVICES)) < 0) {
         LOG_ERROR(MOD, "cannot index the embedded descriptors for reflection: %s", strerror(-rc));
@@ -211,9 +314,9 @@ int main(int argc, char **argv)
                   (long long)cfg.grpc_port, strerror(-rc));
         goto cleanup;
     }
-    /* No database yet: serving as long as the critical actors are up. Set before the
-     * port is announced, so whoever learns the port finds the server SERVING. */
-    health_set_serving(supervisor_healthy(sup));
+    /* Set before the port is announced, so whoever learns the port finds the server
+     * SERVING when the database is there. */
+    health_set_serving(serving(sup, ledger, migrated));
     int port = rpc_server_port(srv);
     char port_s[16];
     snprintf(port_s, sizeof(port_s), "%d", port);
@@ -231,7 +334,9 @@ int main(int argc, char **argv)
         sig = sigtimedwait(&sigs, NULL, &tick);
         if (sig == SIGTERM || sig == SIGINT)
             break;
-        health_set_serving(supervisor_healthy(sup));
+        if (!migrated)
+            migrated = migrate_database(&cfg, ledger);
+        health_set_serving(serving(sup, ledger, migrated));
     }
     LOG_INFO(MOD, "%s: shutting down (grace %.1f s)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
              cfg.shutdown_grace_seconds);
@@ -257,6 +362,8 @@ cleanup:
         supervisor_shutdown(sup, time_now_ns() + 2000000000u);
     if (sup)
         supervisor_destroy(sup);
+    ledger_pool_free(ledger);
+    ratelimit_destroy(ratelimit);
     reflection_destroy(refl);
     if (health_ready)
         health_fini();

@@ -43,4 +43,17 @@ int pd_run(const char *const *args, const char *const *env, int timeout_ms, int 
 /** Kills the server if still running, reaps it, removes its directory. Idempotent. */
 void pd_cleanup(pd_proc_t *p);
 
+/** The local stack (scripts/stack.sh up in a temporary directory) for tests whose paymentd
+ *  needs its database: pass env_entry ("DATABASE_URL=...") to pd_start. */
+typedef struct pd_stack {
+    char dir[128];
+    char env_entry[1100];
+} pd_stack_t;
+
+/** Starts the stack (PostgreSQL is required: a missing one fails, naming it). 0, or -1
+ *  after printing why (and stack.sh's log). */
+int pd_stack_up(pd_stack_t *s);
+/** Stops the stack and removes its directory. Idempotent. */
+void pd_stack_down(pd_stack_t *s);
+
 #endif

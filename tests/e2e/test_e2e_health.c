@@ -34,11 +34,27 @@ typedef struct fixture {
     bool passed;
 } fixture_t;
 
+/* Health follows the database: the servers here get the stack's PostgreSQL. */
+static pd_stack_t stack;
+
+static int stack_up(void **state)
+{
+    (void)state;
+    return pd_stack_up(&stack);
+}
+
+static int stack_down(void **state)
+{
+    (void)state;
+    pd_stack_down(&stack);
+    return 0;
+}
+
 static int setup(void **state)
 {
     fixture_t *f = calloc(1, sizeof(*f));
     *state = f;
-    static const char *const env[] = {"SHUTDOWN_GRACE_SECONDS=30", NULL};
+    const char *const env[] = {"SHUTDOWN_GRACE_SECONDS=30", stack.env_entry, NULL};
     if (pd_start(&f->pd, env) < 0)
         return -1;
     return gc_connect(&f->gc, f->pd.target);
@@ -219,5 +235,5 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_watch_unknown_stays_open, setup, teardown),
         cmocka_unit_test_setup_teardown(test_watch_bad_request, setup, teardown),
     };
-    return cmocka_run_group_tests_name("e2e_health", tests, NULL, NULL);
+    return cmocka_run_group_tests_name("e2e_health", tests, stack_up, stack_down);
 }

@@ -36,6 +36,24 @@ typedef struct fixture {
     size_t req_len;
 } fixture_t;
 
+/* The ledger answers from the stack's PostgreSQL (acct_alice does not exist: NOT_FOUND). */
+static pd_stack_t stack;
+
+static int stack_up(void **state)
+{
+    (void)state;
+    return pd_stack_up(&stack);
+}
+
+static int stack_down(void **state)
+{
+    (void)state;
+    pd_stack_down(&stack);
+    return 0;
+}
+
+#define NO_ALICE "account acct_alice not found"
+
 static int setup(void **state)
 {
     fixture_t *f = calloc(1, sizeof(*f));
@@ -43,7 +61,7 @@ static int setup(void **state)
     Payment__V1__GetAccountBalanceRequest r = PAYMENT__V1__GET_ACCOUNT_BALANCE_REQUEST__INIT;
     r.account_id = "acct_alice";
     f->req_len = payment__v1__get_account_balance_request__pack(&r, f->req);
-    static const char *const env[] = {"SHUTDOWN_GRACE_SECONDS=10", NULL};
+    const char *const env[] = {"SHUTDOWN_GRACE_SECONDS=10", stack.env_entry, NULL};
     if (pd_start(&f->pd, env) < 0)
         return -1;
     return gc_connect(&f->gc, f->pd.target);
@@ -91,9 +109,8 @@ static void test_ten_thousand_calls_then_sigterm(void **state)
                    .timeout_ms = 30000};
     assert_int_equal(gc_unary_load(f->gc, &l), 0);
     print_counts(&l);
-    assert_int_equal(l.counts[GRPC_STATUS_UNIMPLEMENTED], 10000);
-    assert_string_equal(l.last_details[GRPC_STATUS_UNIMPLEMENTED],
-                        "GetAccountBalance: the ledger is not implemented yet");
+    assert_int_equal(l.counts[GRPC_STATUS_NOT_FOUND], 10000);
+    assert_string_equal(l.last_details[GRPC_STATUS_NOT_FOUND], NO_ALICE);
     assert_int_equal(pd_signal(&f->pd, SIGTERM), 0);
     expect_clean_exit(f, 30000);
     assert_true(pd_log_contains(&f->pd, "\"msg\":\"stopped\""));
@@ -134,7 +151,8 @@ static int setup_debug(void **state)
     Payment__V1__GetAccountBalanceRequest r = PAYMENT__V1__GET_ACCOUNT_BALANCE_REQUEST__INIT;
     r.account_id = "acct_alice";
     f->req_len = payment__v1__get_account_balance_request__pack(&r, f->req);
-    static const char *const env[] = {"SHUTDOWN_GRACE_SECONDS=10", "LOG_LEVEL=DEBUG", NULL};
+    const char *const env[] = {"SHUTDOWN_GRACE_SECONDS=10", "LOG_LEVEL=DEBUG", stack.env_entry,
+                               NULL};
     if (pd_start(&f->pd, env) < 0)
         return -1;
     return gc_connect(&f->gc, f->pd.target);
@@ -187,20 +205,19 @@ static void test_sigterm_with_calls_in_flight(void **state)
         assert_int_equal(atomic_load(&l->started), 20000);
         assert_int_equal(atomic_load(&l->completed), 20000);
         /* Answered by the ledger, or never handed to the server (see the top). */
-        assert_int_equal(l->counts[GRPC_STATUS_UNIMPLEMENTED] + l->counts[GRPC_STATUS_UNAVAILABLE] +
+        assert_int_equal(l->counts[GRPC_STATUS_NOT_FOUND] + l->counts[GRPC_STATUS_UNAVAILABLE] +
                              l->counts[GRPC_STATUS_CANCELLED],
                          20000);
         if (l->counts[GRPC_STATUS_CANCELLED])
             assert_string_equal(l->last_details[GRPC_STATUS_CANCELLED], "CANCELLED");
-        answered += l->counts[GRPC_STATUS_UNIMPLEMENTED];
+        answered += l->counts[GRPC_STATUS_NOT_FOUND];
         gc_close(ld[i].gc);
     }
     assert_true(answered >= 3000);
     expect_clean_exit(f, 30000);
     /* Server side: one finished call per answer the clients got, and nothing else. */
     size_t server_calls = count_log_lines(&f->pd, "\"logger\":\"grpc\"", " ms\"");
-    size_t server_answers =
-        count_log_lines(&f->pd, "\"msg\":\"" GET_BALANCE " UNIMPLEMENTED ", NULL);
+    size_t server_answers = count_log_lines(&f->pd, "\"msg\":\"" GET_BALANCE " NOT_FOUND ", NULL);
     fprintf(stderr, "  server finished %zu calls, %zu answered\n", server_calls, server_answers);
     assert_int_equal(server_answers, answered);
     assert_int_equal(server_calls, answered);
@@ -213,5 +230,5 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_ten_thousand_calls_then_sigterm, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sigterm_with_calls_in_flight, setup_debug, teardown),
     };
-    return cmocka_run_group_tests_name("e2e_shutdown", tests, NULL, NULL);
+    return cmocka_run_group_tests_name("e2e_shutdown", tests, stack_up, stack_down);
 }
