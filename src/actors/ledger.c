@@ -10,6 +10,13 @@
  * (UNAVAILABLE). When the connection goes down every queued message ends UNAVAILABLE at
  * once, and so does every new one until it is back: callers never wait for a database that
  * is not there.
+ * Batches (writers): pump takes the AuthorizePayment messages at the FIFO head into
+ * s->inflight (a read stops the batch, so the FIFO order is kept) and sends one
+ * ledger_authorize_batch statement; its rows answer the calls in order. An SQL error put
+ * the whole batch back at the FIFO head (nothing was applied), to be retried in halves
+ * (split_pending/split_size) down to single ledger_authorize statements; errors that may
+ * come after COMMIT end every call UNAVAILABLE instead. The FIFO has batch_max spare slots
+ * so a failed batch always fits back; admission counts queued plus in-flight messages.
  */
 #include "actors/ledger.h"
 
@@ -36,6 +43,11 @@ static const char SQL_AUTHORIZE[] =
     "SELECT outcome, payment_id, status, error_code, error_message, processed_at"
     " FROM ledger_authorize($1, $2, $3::bytea, $4, $5, $6, $7, $8::bigint, $9, $10,"
     " $11::timestamptz, $12::interval, $13::bigint)";
+static const char SQL_AUTHORIZE_BATCH[] =
+    "SELECT ord, outcome, payment_id, status, error_code, error_message, processed_at"
+    " FROM ledger_authorize_batch($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::timestamptz[],"
+    " $12::interval, $13::bigint)";
 static const char SQL_GET_PAYMENT[] =
     "SELECT id, payer_account_id, payee_account_id, amount_cents, currency, status,"
     " description, pay_format_ts(created_at), pay_format_ts(updated_at)"
@@ -58,9 +70,14 @@ struct ledger_pool {
     ledger_config_t cfg;
     char *conninfo;
     unsigned nwriters, nreaders, nslots;
-    ledger_slot_t *slots;            /* writers first, then readers */
+    ledger_slot_t *slots; /* writers first, then readers */
+    /* Batch-size histogram (bucket b counts batches of 2^b .. 2^(b+1)-1 payments) and the
+     * largest batch. Relaxed: statistics, nothing is published through them. */
+    atomic_uint_fast64_t batch_hist[LEDGER_BATCH_BUCKETS];
+    atomic_uint_fast64_t batch_max_seen;
     atomic_bool schema_ready;        /* release/acquire: set after the migrations committed */
     struct ledger_pool *next_legacy; /* ledger_actor_add's pools, freed at exit */
+    bool legacy;                     /* one of those: freed at exit, logs nothing */
 };
 
 /* An actor incarnation's state (its thread only). */
@@ -69,9 +86,13 @@ typedef struct lstate {
     ledger_pool_t *pool;
     actor_t *a;
     pgconn_t *pg;
-    payment_msg_t **fifo;
+    payment_msg_t **fifo; /* room for mailbox_capacity + batch_max: a failed batch goes back */
     size_t cap, head, len;
-    payment_msg_t *inflight;
+    payment_msg_t **inflight; /* the statement in flight: one message, or a batch */
+    size_t ninflight;
+    bool batch_inflight;  /* ledger_authorize_batch (else one message's statement) */
+    size_t split_pending; /* messages at the FIFO head retried after a failed batch */
+    size_t split_size;    /* ... taken at most this many per batch */
     bool purge_inflight, purge_due;
     actor_timer_t *purge_timer;
 } lstate_t;
@@ -211,6 +232,7 @@ static void fail_queued(lstate_t *s, const char *text)
         s->len--;
         end_fail(s, m, GRPC_STATUS_UNAVAILABLE, text);
     }
+    s->split_pending = 0;
 }
 
 /* ---- statements ------------------------------------------------------------------------- */
@@ -267,11 +289,134 @@ static int start_message(lstate_t *s, payment_msg_t *m)
     return -EINVAL;
 }
 
+/* ---- batches ---------------------------------------------------------------------------- */
+
+/* A growing string (a PostgreSQL array literal); allocation failure is fatal. */
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+} sbuf_t;
+
+static void sbuf_put(sbuf_t *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (!p)
+            abort();
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+/* Appends s as one quoted element of an array literal ("{"...","..."}"): inside quotes
+ * only '"' and '\\' need a backslash, so any text (commas, braces, spaces) survives. */
+static void sbuf_elem(sbuf_t *b, const char *s)
+{
+    sbuf_put(b, b->len == 0 ? "{\"" : ",\"", 2);
+    for (const char *q = s; *q; q++) {
+        if (*q == '"' || *q == '\\')
+            sbuf_put(b, "\\", 1);
+        sbuf_put(b, q, 1);
+    }
+    sbuf_put(b, "\"", 1);
+}
+
+static void record_batch(ledger_pool_t *p, size_t n)
+{
+    unsigned b = 0;
+    while (b + 1 < LEDGER_BATCH_BUCKETS && (n >> (b + 1)) != 0)
+        b++;
+    atomic_fetch_add_explicit(&p->batch_hist[b], 1, memory_order_relaxed);
+    uint_fast64_t seen = atomic_load_explicit(&p->batch_max_seen, memory_order_relaxed);
+    while (seen < n &&
+           !atomic_compare_exchange_weak_explicit(&p->batch_max_seen, &seen, n,
+                                                  memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+/* One statement for the n (>= 2) AuthorizePayment messages of s->inflight. */
+static int start_batch(lstate_t *s)
+{
+    enum { SCOPE, KEY, FP, PID, EID, PAYER, PAYEE, AMOUNT, CURRENCY, DESCR, NOW, NARRAYS };
+    const ledger_config_t *cfg = &s->pool->cfg;
+    sbuf_t arr[NARRAYS] = {{0}};
+    for (size_t i = 0; i < s->ninflight; i++) {
+        payment_msg_t *m = s->inflight[i];
+        const Payment__V1__AuthorizePaymentRequest *r = m->req.authorize;
+        char scope[300], fphex[65], pid[ULID_SIZE], eid[ULID_SIZE], now_s[ULID_TIME_SIZE];
+        char amount[24];
+        uint8_t fp[32];
+        int64_t now_us;
+        idempotency_scope(scope, sizeof scope, cfg->idempotency_per_client, m);
+        ledger_fingerprint(fp, r->payer_account_id, r->payee_account_id, r->amount_cents,
+                           r->currency);
+        hex(fphex, fp, 32);
+        ulid_new_at(pid, &now_us);
+        ulid_new(eid);
+        ulid_format_time(now_s, now_us);
+        snprintf(amount, sizeof amount, "%" PRId64, r->amount_cents);
+        sbuf_elem(&arr[SCOPE], scope);
+        sbuf_elem(&arr[KEY], r->idempotency_key);
+        sbuf_elem(&arr[FP], fphex);
+        sbuf_elem(&arr[PID], pid);
+        sbuf_elem(&arr[EID], eid);
+        sbuf_elem(&arr[PAYER], r->payer_account_id);
+        sbuf_elem(&arr[PAYEE], r->payee_account_id);
+        sbuf_elem(&arr[AMOUNT], amount);
+        sbuf_elem(&arr[CURRENCY], r->currency);
+        sbuf_elem(&arr[DESCR], r->description ? r->description : "");
+        sbuf_elem(&arr[NOW], now_s);
+    }
+    char ttl[32], max[24];
+    snprintf(ttl, sizeof ttl, "%" PRId64 " hours", cfg->idempotency_ttl_hours);
+    snprintf(max, sizeof max, "%" PRId64, cfg->max_amount_cents);
+    const char *params[13];
+    for (int i = 0; i < NARRAYS; i++) {
+        sbuf_put(&arr[i], "}", 1);
+        params[i] = arr[i].p;
+    }
+    params[11] = ttl;
+    params[12] = max;
+    int rc = pgconn_query(s->pg, SQL_AUTHORIZE_BATCH, 13, params, cfg->statement_timeout_ns);
+    for (int i = 0; i < NARRAYS; i++)
+        free(arr[i].p);
+    return rc;
+}
+
+static payment_msg_t *fifo_pop(lstate_t *s)
+{
+    payment_msg_t *m = s->fifo[s->head];
+    s->head = (s->head + 1) % s->cap;
+    s->len--;
+    if (s->split_pending > 0)
+        s->split_pending--;
+    return m;
+}
+
+static bool expired(lstate_t *s, payment_msg_t *m)
+{
+    if (m->hdr.deadline_ns && time_now_ns() >= m->hdr.deadline_ns) {
+        actor_done(s->a, &m->hdr);
+        msg_fail(&m->hdr, -ETIMEDOUT);
+        return true;
+    }
+    return false;
+}
+
 /* Starts the next statement when the connection is idle: a due purge first, else the
- * oldest queued message (expired ones end DEADLINE_EXCEEDED without touching the DB). */
+ * oldest queued message (expired ones end DEADLINE_EXCEEDED without touching the DB).
+ * AuthorizePayment messages queued together go as one batch of whatever is queued now
+ * (up to batch_max; fewer while retrying a failed batch split): a lone request never
+ * waits for company. */
 static void pump(lstate_t *s)
 {
-    while (s->pg && pgconn_idle(s->pg) && !s->inflight && !s->purge_inflight) {
+    while (s->pg && pgconn_idle(s->pg) && s->ninflight == 0 && !s->purge_inflight) {
         if (s->purge_due && atomic_load_explicit(&s->pool->schema_ready, memory_order_acquire)) {
             char lim[16];
             snprintf(lim, sizeof lim, "%d", PURGE_BATCH);
@@ -283,22 +428,58 @@ static void pump(lstate_t *s)
         }
         if (s->len == 0)
             return;
-        payment_msg_t *m = s->fifo[s->head];
-        s->head = (s->head + 1) % s->cap;
-        s->len--;
-        if (m->hdr.deadline_ns && time_now_ns() >= m->hdr.deadline_ns) {
-            actor_done(s->a, &m->hdr);
-            msg_fail(&m->hdr, -ETIMEDOUT);
+        size_t limit = s->pool->cfg.batch_max;
+        if (s->split_pending > 0 && s->split_size < limit)
+            limit = s->split_size;
+        payment_msg_t *m = fifo_pop(s);
+        if (expired(s, m))
             continue;
+        s->inflight[0] = m;
+        s->ninflight = 1;
+        while (m->hdr.type == PAYMENT_AUTHORIZE && s->ninflight < limit && s->len > 0 &&
+               s->fifo[s->head]->hdr.type == PAYMENT_AUTHORIZE) {
+            payment_msg_t *next = fifo_pop(s);
+            if (!expired(s, next))
+                s->inflight[s->ninflight++] = next;
         }
-        int rc = start_message(s, m);
+        s->batch_inflight = s->ninflight > 1;
+        int rc = s->batch_inflight ? start_batch(s) : start_message(s, m);
         if (rc < 0) {
             /* Nothing reached the database: safe to say so. */
-            end_fail(s, m, GRPC_STATUS_UNAVAILABLE, "database unavailable; retry");
+            size_t n = s->ninflight;
+            s->ninflight = 0;
+            for (size_t i = 0; i < n; i++)
+                end_fail(s, s->inflight[i], GRPC_STATUS_UNAVAILABLE, "database unavailable; retry");
             continue;
         }
-        s->inflight = m;
+        if (m->hdr.type == PAYMENT_AUTHORIZE)
+            record_batch(s->pool, s->ninflight);
     }
+}
+
+/* Row `row` of r, whose columns from c0 are ledger_authorize()'s. */
+static void answer_authorize_row(lstate_t *s, payment_msg_t *m, PGresult *r, int row, int c0)
+{
+    const char *outcome = PQgetvalue(r, row, c0);
+    if (strcmp(outcome, "CONFLICT") == 0) {
+        end_fail(s, m, GRPC_STATUS_ALREADY_EXISTS,
+                 "idempotency_key: already used for a different request (payer, payee, "
+                 "amount_cents or currency differ)");
+        return;
+    }
+    Payment__V1__AuthorizePaymentResponse resp = PAYMENT__V1__AUTHORIZE_PAYMENT_RESPONSE__INIT;
+    Payment__V1__PaymentError perr = PAYMENT__V1__PAYMENT_ERROR__INIT;
+    resp.payment_id = PQgetvalue(r, row, c0 + 1);
+    resp.status = strcmp(outcome, "DUPLICATE") == 0
+                      ? PAYMENT__V1__PAYMENT_STATUS__PAYMENT_STATUS_DUPLICATE
+                      : status_of(PQgetvalue(r, row, c0 + 2));
+    if (!PQgetisnull(r, row, c0 + 3)) {
+        perr.code = error_code_of(PQgetvalue(r, row, c0 + 3));
+        perr.message = PQgetvalue(r, row, c0 + 4);
+        resp.error = &perr;
+    }
+    resp.processed_at = PQgetvalue(r, row, c0 + 5);
+    end_reply(s, m, &resp.base);
 }
 
 static void answer_authorize(lstate_t *s, payment_msg_t *m, PGresult *r)
@@ -309,26 +490,41 @@ static void answer_authorize(lstate_t *s, payment_msg_t *m, PGresult *r)
         end_fail(s, m, GRPC_STATUS_INTERNAL, "server error: unexpected database answer");
         return;
     }
-    const char *outcome = PQgetvalue(r, 0, 0);
-    if (strcmp(outcome, "CONFLICT") == 0) {
-        end_fail(s, m, GRPC_STATUS_ALREADY_EXISTS,
-                 "idempotency_key: already used for a different request (payer, payee, "
-                 "amount_cents or currency differ)");
+    answer_authorize_row(s, m, r, 0, 0);
+}
+
+/* The batch's rows come in input order (ord 1..n). */
+static void answer_batch(lstate_t *s, payment_msg_t **ms, size_t n, PGresult *r)
+{
+    bool shape = PQntuples(r) == (int)n && PQnfields(r) == 7;
+    for (size_t i = 0; shape && i < n; i++)
+        shape = strtol(PQgetvalue(r, (int)i, 0), NULL, 10) == (long)i + 1;
+    if (!shape) {
+        /* Committed, but the answer cannot be matched to the calls: never guess. */
+        LOG_ERROR(MOD, "%s: ledger_authorize_batch returned %d rows of %d columns for %zu",
+                  s->slot->name, PQntuples(r), PQnfields(r), n);
+        for (size_t i = 0; i < n; i++)
+            end_fail(s, ms[i], GRPC_STATUS_INTERNAL, "server error: unexpected database answer");
         return;
     }
-    Payment__V1__AuthorizePaymentResponse resp = PAYMENT__V1__AUTHORIZE_PAYMENT_RESPONSE__INIT;
-    Payment__V1__PaymentError perr = PAYMENT__V1__PAYMENT_ERROR__INIT;
-    resp.payment_id = PQgetvalue(r, 0, 1);
-    resp.status = strcmp(outcome, "DUPLICATE") == 0
-                      ? PAYMENT__V1__PAYMENT_STATUS__PAYMENT_STATUS_DUPLICATE
-                      : status_of(PQgetvalue(r, 0, 2));
-    if (!PQgetisnull(r, 0, 3)) {
-        perr.code = error_code_of(PQgetvalue(r, 0, 3));
-        perr.message = PQgetvalue(r, 0, 4);
-        resp.error = &perr;
+    for (size_t i = 0; i < n; i++)
+        answer_authorize_row(s, ms[i], r, (int)i, 1);
+}
+
+/* A batch failed with an SQL error, so nothing of it was applied: put its messages back
+ * at the FIFO head, in order, to be retried in halves (down to one payment, which takes
+ * the single-payment path), so one bad payment never fails its neighbours. */
+static void requeue_split(lstate_t *s, payment_msg_t **ms, size_t n, const char *why)
+{
+    LOG_WARNING(MOD, "%s: a batch of %zu payments failed (%s); retrying it split", s->slot->name, n,
+                why);
+    for (size_t i = n; i-- > 0;) {
+        s->head = (s->head + s->cap - 1) % s->cap;
+        s->fifo[s->head] = ms[i];
+        s->len++;
     }
-    resp.processed_at = PQgetvalue(r, 0, 5);
-    end_reply(s, m, &resp.base);
+    s->split_pending += n;
+    s->split_size = n / 2 ? n / 2 : 1;
 }
 
 static void answer_get_payment(lstate_t *s, payment_msg_t *m, PGresult *r)
@@ -378,6 +574,16 @@ static bool transient(const char *sqlstate)
            strncmp(sqlstate, "57", 2) == 0 || strncmp(sqlstate, "08", 2) == 0;
 }
 
+/* An error that may have come after COMMIT (the server going away: connection exception,
+ * admin/crash shutdown, or no SQLSTATE at all): the batch's outcome is unknown, so its
+ * calls end UNAVAILABLE rather than being re-run (a re-run would answer DUPLICATE). Any
+ * other error aborted the statement's transaction: nothing of the batch was applied. */
+static bool outcome_unknown(const char *sqlstate)
+{
+    return sqlstate[0] == '\0' || strncmp(sqlstate, "08", 2) == 0 ||
+           strncmp(sqlstate, "57P", 3) == 0;
+}
+
 static void on_result(pgconn_t *c, void *arg, PGresult *res, int err, const char *sqlstate,
                       const char *why)
 {
@@ -398,11 +604,28 @@ static void on_result(pgconn_t *c, void *arg, PGresult *res, int err, const char
         pump(s);
         return;
     }
-    payment_msg_t *m = s->inflight;
-    s->inflight = NULL;
-    if (!m) {
+    size_t n = s->ninflight;
+    s->ninflight = 0;
+    if (n == 0) {
         if (res)
             PQclear(res);
+        return;
+    }
+    payment_msg_t *m = s->inflight[0];
+    if (s->batch_inflight) {
+        s->batch_inflight = false;
+        if (err == 0) {
+            answer_batch(s, s->inflight, n, res);
+            PQclear(res);
+        } else if (err == -EIO && !outcome_unknown(sqlstate)) {
+            requeue_split(s, s->inflight, n, why);
+        } else {
+            for (size_t i = 0; i < n; i++)
+                end_fail(s, s->inflight[i], GRPC_STATUS_UNAVAILABLE,
+                         "database connection lost before the payment's outcome was known; "
+                         "retry with the same idempotency_key");
+        }
+        pump(s);
         return;
     }
     if (err == 0) {
@@ -493,10 +716,11 @@ static int ledger_start(actor_t *a, void *arg, void **state)
     s->slot = slot;
     s->pool = pool;
     s->a = a;
-    s->cap = pool->cfg.mailbox_capacity;
+    s->cap = pool->cfg.mailbox_capacity + pool->cfg.batch_max;
     s->fifo = calloc(s->cap, sizeof(*s->fifo));
+    s->inflight = calloc(pool->cfg.batch_max, sizeof(*s->inflight));
     int rc = -ENOMEM;
-    if (!s->fifo)
+    if (!s->fifo || !s->inflight)
         goto fail;
     if (slot->maintenance) {
         if ((rc = actor_timer_new(&s->purge_timer, a, on_purge_timer, NULL)) < 0)
@@ -538,6 +762,7 @@ static void ledger_stop(actor_t *a, void *state)
         actor_timer_free(s->purge_timer);
     /* Queued messages are still on the taken-work list: the runtime fails them. */
     free(s->fifo);
+    free(s->inflight);
     free(s);
 }
 
@@ -545,7 +770,7 @@ static bool ledger_idle(actor_t *a, void *state)
 {
     (void)a;
     lstate_t *s = state;
-    return !s || (s->len == 0 && !s->inflight);
+    return !s || (s->len == 0 && s->ninflight == 0);
 }
 
 static int ledger_handle(actor_t *a, void *state, msg_t **msgs, size_t n)
@@ -566,7 +791,7 @@ static int ledger_handle(actor_t *a, void *state, msg_t **msgs, size_t n)
             end_fail(s, m, GRPC_STATUS_UNAVAILABLE, "database not ready (schema); retry");
         else if (!pgconn_up(s->pg))
             end_fail(s, m, GRPC_STATUS_UNAVAILABLE, "database unavailable; retry");
-        else if (s->len == s->cap)
+        else if (s->len + s->ninflight >= s->pool->cfg.mailbox_capacity)
             end_fail(s, m, GRPC_STATUS_UNAVAILABLE,
                      "server overloaded: request queue full; retry later");
         else {
@@ -613,6 +838,9 @@ int ledger_pool_add(ledger_pool_t **out, supervisor_t *sup, const ledger_config_
         p->nwriters = c->pool_size - p->nreaders;
     }
     p->nslots = p->nwriters + p->nreaders;
+    for (unsigned b = 0; b < LEDGER_BATCH_BUCKETS; b++)
+        atomic_init(&p->batch_hist[b], 0);
+    atomic_init(&p->batch_max_seen, 0);
     p->slots = calloc(p->nslots, sizeof(*p->slots));
     if (!p->conninfo || !p->slots) {
         ledger_pool_free(p);
@@ -652,10 +880,44 @@ int ledger_pool_add(ledger_pool_t **out, supervisor_t *sup, const ledger_config_
     return 0;
 }
 
+void ledger_pool_batch_stats(const ledger_pool_t *p, uint64_t counts[LEDGER_BATCH_BUCKETS],
+                             uint64_t *max)
+{
+    for (unsigned b = 0; b < LEDGER_BATCH_BUCKETS; b++)
+        counts[b] = atomic_load_explicit(&p->batch_hist[b], memory_order_relaxed);
+    *max = atomic_load_explicit(&p->batch_max_seen, memory_order_relaxed);
+}
+
+/* One INFO line: "ledger batches: total=T max=M 1:a 2-3:b 4-7:c ..." up to the bucket of
+ * batch_max. */
+static void log_batch_stats(const ledger_pool_t *p)
+{
+    uint64_t counts[LEDGER_BATCH_BUCKETS], max, total = 0;
+    ledger_pool_batch_stats(p, counts, &max);
+    unsigned last = 0;
+    while (last + 1 < LEDGER_BATCH_BUCKETS && (p->cfg.batch_max >> (last + 1)) != 0)
+        last++;
+    char line[LEDGER_BATCH_BUCKETS * 48];
+    size_t at = 0;
+    for (unsigned b = 0; b <= last; b++) {
+        total += counts[b];
+        uint64_t lo = UINT64_C(1) << b, hi = (UINT64_C(1) << (b + 1)) - 1;
+        if (lo == hi)
+            at += (size_t)snprintf(line + at, sizeof line - at, " %" PRIu64 ":%" PRIu64, lo,
+                                   counts[b]);
+        else
+            at += (size_t)snprintf(line + at, sizeof line - at, " %" PRIu64 "-%" PRIu64 ":%" PRIu64,
+                                   lo, hi, counts[b]);
+    }
+    LOG_INFO(MOD, "ledger batches: total=%" PRIu64 " max=%" PRIu64 "%s", total, max, line);
+}
+
 void ledger_pool_free(ledger_pool_t *p)
 {
     if (!p)
         return;
+    if (p->conninfo && p->conninfo[0] && !p->legacy && p->nwriters > 0)
+        log_batch_stats(p);
     free(p->slots);
     free(p->conninfo);
     free(p);
@@ -728,6 +990,7 @@ int ledger_actor_add(supervisor_t *s, const ledger_config_t *cfg, actor_t **out)
     pthread_mutex_lock(&legacy_mu);
     if (!legacy_pools)
         atexit(legacy_free);
+    p->legacy = true;
     p->next_legacy = legacy_pools;
     legacy_pools = p;
     pthread_mutex_unlock(&legacy_mu);

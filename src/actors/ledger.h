@@ -12,12 +12,17 @@
  *   With DB_POOL_SIZE = 1 the one actor does both; otherwise max(1, size/4) readers and the
  *   rest writers (a read is one index probe, a payment a transaction with a commit flush).
  *   Writer 0 also does the maintenance: purging expired idempotency keys.
- * One payment = one transaction: the statement `SELECT * FROM ledger_authorize(...)`
- * (db/migrations/002_ledger_authorize.sql) in autocommit, which follows the write protocol
- * of 001_ledger.sql. The reply is sent only after its result arrives, i.e. after COMMIT;
- * a connection lost meanwhile (outcome unknown) ends the call UNAVAILABLE and the client's
- * retry with the same key resolves it. An actor takes batches from its mailbox and keeps
- * them in a local FIFO, one statement in flight (the batched engine builds on this).
+ * Batches: a writer keeps the messages it took in a local FIFO, one statement in flight.
+ * When it is free, the AuthorizePayment requests queued at the head (whatever is there
+ * now, up to batch_max = LEDGER_BATCH_MAX; a lone request goes alone) are applied in ONE
+ * transaction: one statement in autocommit, `SELECT * FROM ledger_authorize_batch(...)`
+ * (db/migrations/003_ledger_authorize_batch.sql: keys locked sorted, then accounts sorted,
+ * balances in memory, multi-row inserts, one commit flush), in arrival order, each request
+ * getting the outcome it would get alone. A single request uses ledger_authorize() (002).
+ * A batch that fails with an SQL error was not applied at all: it is retried in halves,
+ * down to single payments. The reply is sent only after COMMIT; a connection lost
+ * meanwhile (outcome unknown) ends every call of the statement UNAVAILABLE and the
+ * client's retry with the same key resolves it.
  *
  * While an actor's connection is down, or before the schema is ready
  * (ledger_pool_set_schema_ready), its calls end UNAVAILABLE at once. A lost connection is
@@ -72,6 +77,14 @@ unsigned ledger_pool_readers(const ledger_pool_t *p);
 /** One actor doing both duties (pool size 1) with cfg (NULL: no database, so every call
  *  ends UNAVAILABLE), for tests of the layers around it; the pool is freed at exit. */
 int ledger_actor_add(supervisor_t *s, const ledger_config_t *cfg, actor_t **out);
+
+/** Buckets of the batch-size histogram: bucket b counts batches of 2^b .. 2^(b+1)-1
+ *  payments (a batch of one is bucket 0; every AuthorizePayment statement counts). */
+#define LEDGER_BATCH_BUCKETS 16
+/** Any thread: the batch-size histogram of the pool's writers so far and the largest batch.
+ *  ledger_pool_free logs it as one INFO line "ledger batches: total=T max=M 1:a 2-3:b ...". */
+void ledger_pool_batch_stats(const ledger_pool_t *p, uint64_t counts[LEDGER_BATCH_BUCKETS],
+                             uint64_t *max);
 
 /** The idempotency fingerprint: SHA-256 over payer, payee, amount_cents (decimal) and
  *  currency, each prefixed by its length as 4 bytes big-endian. */
