@@ -14,6 +14,7 @@ endif()
 if(PAY_SCOPE STREQUAL "all")
   pay_add_test(NAME test_ratelimit_redis
                SOURCES ${CMAKE_SOURCE_DIR}/tests/integration/test_ratelimit_redis.c
+                       ${CMAKE_SOURCE_DIR}/tests/integration/redis_fixture.c
                LIBS pay_io LABELS integration TIMEOUT 120)
 endif()
 # The actor in-process between the gRPC layer and a stand-in next hop: exact counters,
@@ -21,6 +22,7 @@ endif()
 if(PAY_SCOPE STREQUAL "all")
   pay_add_test(NAME test_ratelimit_actor
                SOURCES ${CMAKE_SOURCE_DIR}/tests/integration/test_ratelimit_actor.c
+                       ${CMAKE_SOURCE_DIR}/tests/integration/redis_fixture.c
                        ${CMAKE_SOURCE_DIR}/tests/e2e/grpc_client.c
                LIBS pay_actors LABELS integration TIMEOUT 120)
 endif()

@@ -32,19 +32,10 @@
 #include "io/grpc_server.h"
 #include "runtime/supervisor.h"
 
+#include "redis_fixture.h"
+
 #define BALANCE "/payment.v1.PaymentService/GetAccountBalance"
 #define GETPAY  "/payment.v1.PaymentService/GetPayment"
-
-static char tmpdir[128];
-static pid_t redis_pid;
-static int redis_port;
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
 
 static int free_port(void)
 {
@@ -62,71 +53,19 @@ static int free_port(void)
 
 static int start_redis(void)
 {
-    char ports[16], cmd[256];
-    snprintf(ports, sizeof ports, "%d", redis_port);
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (chdir(tmpdir) != 0)
-            _exit(126);
-        execlp("redis-server", "redis-server", "--bind", "127.0.0.1", "--port", ports, "--save", "",
-               "--appendonly", "no", "--logfile", "redis.log", (char *)NULL);
-        _exit(127);
-    }
-    snprintf(cmd, sizeof cmd, "redis-cli -h 127.0.0.1 -p %d ping 2>/dev/null | grep -q PONG",
-             redis_port);
-    for (int i = 0; i < 200; i++) {
-        if (system(cmd) == 0) {
-            redis_pid = pid;
-            return 0;
-        }
-        if (waitpid(pid, NULL, WNOHANG) == pid) {
-            fprintf(stderr, "redis-server exited at start\n");
-            return -1;
-        }
-        sleep_ms(50);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    fprintf(stderr, "redis-server did not answer on port %d\n", redis_port);
-    return -1;
-}
-
-static void stop_redis(void)
-{
-    if (redis_pid > 0) {
-        kill(redis_pid, SIGTERM);
-        waitpid(redis_pid, NULL, 0);
-        redis_pid = 0;
-    }
-}
-
-static void cleanup_all(void)
-{
-    stop_redis();
-    if (tmpdir[0]) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "cannot remove %s\n", tmpdir);
-        tmpdir[0] = '\0';
-    }
+    pid_t pid = redis_start(redis_port, NULL);
+    if (pid < 0)
+        return -1;
+    redis_pid = pid;
+    return 0;
 }
 
 static int setup_group(void **state)
 {
     (void)state;
     signal(SIGPIPE, SIG_IGN);
-    if (system("command -v redis-server >/dev/null && command -v redis-cli >/dev/null") != 0) {
-        fprintf(stderr, "redis-server / redis-cli not found: this test needs a real Redis "
-                        "(Debian package redis-server; scripts/bootstrap.sh installs it)\n");
+    if (redis_fixture_prepare("/tmp/pay-test-rlactor.XXXXXX") != 0)
         return -1;
-    }
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/pay-test-rlactor.XXXXXX");
-    if (!mkdtemp(tmpdir)) {
-        tmpdir[0] = '\0';
-        return -1;
-    }
-    atexit(cleanup_all);
     redis_port = free_port();
     return redis_port > 0 ? start_redis() : -1;
 }
@@ -134,7 +73,7 @@ static int setup_group(void **state)
 static int teardown_group(void **state)
 {
     (void)state;
-    cleanup_all();
+    redis_fixture_cleanup();
     return 0;
 }
 
@@ -352,7 +291,7 @@ static void test_counts_and_trailers(void **state)
 
 static void outage(fixture_t *f, bool fail_open)
 {
-    stop_redis();
+    redis_stop(&redis_pid);
     for (int i = 0; i < 4; i++) {
         res_t r = call(f, BALANCE, "acct-1", "outage");
         if (fail_open) {

@@ -35,22 +35,13 @@
 #include "runtime/msg.h"
 #include "runtime/supervisor.h"
 
-#define PASSWORD "s3cret-pw"
+#include "redis_fixture.h"
 
-static char tmpdir[128];
-static pid_t redis_pid;
-static int redis_port;
+#define PASSWORD "s3cret-pw"
 
 static double now_s(void)
 {
     return (double)time_now_ns() / 1e9;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
 }
 
 /* A port that was free a moment ago (bind to 0, read it, close). */
@@ -65,83 +56,20 @@ static int free_port(void)
     return ntohs(a.sin_port);
 }
 
-static pid_t start_redis(int port)
-{
-    char ports[16];
-    snprintf(ports, sizeof ports, "%d", port);
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (chdir(tmpdir) != 0)
-            _exit(126);
-        execlp("redis-server", "redis-server", "--bind", "127.0.0.1", "--port", ports, "--save", "",
-               "--appendonly", "no", "--requirepass", PASSWORD, "--logfile", "redis.log",
-               (char *)NULL);
-        _exit(127);
-    }
-    char cmd[256];
-    snprintf(cmd, sizeof cmd,
-             "redis-cli -h 127.0.0.1 -p %d -a %s --no-auth-warning ping 2>/dev/null | grep -q PONG",
-             port, PASSWORD);
-    for (int i = 0; i < 200; i++) {
-        if (system(cmd) == 0)
-            return pid;
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid) {
-            fprintf(stderr, "redis-server exited at start (status %d)\n", st);
-            return -1;
-        }
-        sleep_ms(50);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    fprintf(stderr, "redis-server did not answer on port %d within 10 s\n", port);
-    return -1;
-}
-
-static void stop_redis(pid_t *pid)
-{
-    if (*pid > 0) {
-        kill(*pid, SIGTERM);
-        waitpid(*pid, NULL, 0);
-        *pid = 0;
-    }
-}
-
-static void cleanup_all(void)
-{
-    stop_redis(&redis_pid);
-    if (tmpdir[0]) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "cannot remove %s\n", tmpdir);
-        tmpdir[0] = '\0';
-    }
-}
-
 static int setup_group(void **state)
 {
     (void)state;
-    if (system("command -v redis-server >/dev/null && command -v redis-cli >/dev/null") != 0) {
-        fprintf(stderr, "redis-server / redis-cli not found: this test needs a real Redis "
-                        "(Debian package redis-server; scripts/bootstrap.sh installs it)\n");
+    if (redis_fixture_prepare("/tmp/pay-test-redis.XXXXXX") != 0)
         return -1;
-    }
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/pay-test-redis.XXXXXX");
-    if (!mkdtemp(tmpdir)) {
-        tmpdir[0] = '\0';
-        return -1;
-    }
-    atexit(cleanup_all);
     redis_port = free_port();
-    redis_pid = start_redis(redis_port);
+    redis_pid = redis_start(redis_port, PASSWORD);
     return redis_pid > 0 ? 0 : -1;
 }
 
 static int teardown_group(void **state)
 {
     (void)state;
-    cleanup_all();
+    redis_fixture_cleanup();
     return 0;
 }
 
@@ -465,7 +393,7 @@ static void test_refused_then_server_appears(void **state)
     }
     assert_true(refused);
     /* A server appears on that port: the client connects by itself. */
-    pid_t pid = start_redis(port);
+    pid_t pid = redis_start(port, PASSWORD);
     assert_true(pid > 0);
     int ok = 0;
     for (int i = 0; i < 100 && !ok; i++) {
@@ -478,7 +406,7 @@ static void test_refused_then_server_appears(void **state)
     }
     assert_true(ok);
     harness_free(h);
-    stop_redis(&pid);
+    redis_stop(&pid);
 }
 
 int main(void)
