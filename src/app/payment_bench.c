@@ -48,6 +48,7 @@
 #include <grpc/support/time.h>
 
 #include "app/payment_bench_hist.h"
+#include "io/grpc_client.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "payment/v1/payment.pb-c.h"
 
@@ -528,41 +529,6 @@ static int parse_opts(opts_t *o, int argc, char **argv)
 
 /* ---- gRPC plumbing ------------------------------------------------------------------- */
 
-static grpc_byte_buffer *pack(const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice s = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-    grpc_slice_unref(s);
-    return bb;
-}
-
-/* Unpacks a received buffer with desc; NULL if absent or malformed. */
-static ProtobufCMessage *unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb)
-{
-    if (!bb)
-        return NULL;
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb))
-        return NULL;
-    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
-    ProtobufCMessage *m =
-        protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-    grpc_slice_unref(s);
-    grpc_byte_buffer_reader_destroy(&r);
-    return m;
-}
-
-static void slice_str(char *dst, size_t len, grpc_slice s)
-{
-    size_t n = GRPC_SLICE_LENGTH(s);
-    if (n >= len)
-        n = len - 1;
-    memcpy(dst, GRPC_SLICE_START_PTR(s), n);
-    dst[n] = 0;
-}
-
 /* Starts call on slot with the request bb (ownership moves to the slot). */
 static int start_call(bench_t *b, slot_t *s, grpc_completion_queue *cq, const char *method,
                       grpc_byte_buffer *bb, gpr_timespec deadline, void *tag)
@@ -624,7 +590,7 @@ static int unary(bench_t *b, const char *method, const ProtobufCMessage *req,
     *resp = NULL;
     /* Setup and verification are not measured: a generous deadline, whatever --deadline-ms. */
     int ms = b->o.deadline_ms > 10000 ? b->o.deadline_ms : 10000;
-    if (start_call(b, &s, b->sync_cq, method, pack(req), after_ms(ms), &s)) {
+    if (start_call(b, &s, b->sync_cq, method, gc_buffer_pack(req), after_ms(ms), &s)) {
         end_call(&s);
         return -EIO;
     }
@@ -638,9 +604,9 @@ static int unary(bench_t *b, const char *method, const ProtobufCMessage *req,
         return -ETIMEDOUT;
     }
     *status = s.status;
-    slice_str(details, dlen, s.details);
+    gc_slice_copy(details, dlen, s.details);
     if (s.status == GRPC_STATUS_OK)
-        *resp = unpack(resp_desc, s.recv);
+        *resp = gc_buffer_unpack(resp_desc, s.recv);
     end_call(&s);
     return 0;
 }
@@ -699,7 +665,7 @@ static grpc_byte_buffer *authorize_request(bench_t *b, uint64_t seq, long payer,
     req.amount_cents = b->o.amount;
     req.currency = (char *)b->o.currency;
     req.description = "payment-bench";
-    return pack(&req.base);
+    return gc_buffer_pack(&req.base);
 }
 
 /* Builds the next request of the load into s; returns its method. */
@@ -716,19 +682,19 @@ static const char *next_request(bench_t *b, slot_t *s)
         long a = b->pairs_random ? (long)(rng_next(&b->rng) % (uint64_t)b->nacct) : 0;
         Payment__V1__GetAccountBalanceRequest req = PAYMENT__V1__GET_ACCOUNT_BALANCE_REQUEST__INIT;
         req.account_id = b->acct[a];
-        s->send = pack(&req.base);
+        s->send = gc_buffer_pack(&req.base);
         return M_BALANCE;
     }
     case MODE_GET: {
         Payment__V1__GetPaymentRequest req = PAYMENT__V1__GET_PAYMENT_REQUEST__INIT;
         req.payment_id = b->pay_ids[s->seq % b->npay_ids];
-        s->send = pack(&req.base);
+        s->send = gc_buffer_pack(&req.base);
         return M_GET;
     }
     case MODE_HEALTH: {
         Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
         req.service = (char *)b->o.service;
-        s->send = pack(&req.base);
+        s->send = gc_buffer_pack(&req.base);
         return M_HEALTH;
     }
     }
@@ -784,8 +750,9 @@ static void complete(bench_t *b, slot_t *s, uint64_t t)
     }
     switch (b->o.mode) {
     case MODE_AUTHORIZE: {
-        Payment__V1__AuthorizePaymentResponse *r = (Payment__V1__AuthorizePaymentResponse *)unpack(
-            &payment__v1__authorize_payment_response__descriptor, s->recv);
+        Payment__V1__AuthorizePaymentResponse *r =
+            (Payment__V1__AuthorizePaymentResponse *)gc_buffer_unpack(
+                &payment__v1__authorize_payment_response__descriptor, s->recv);
         if (!r) {
             if (measured)
                 st->bad_responses++;
@@ -811,7 +778,7 @@ static void complete(bench_t *b, slot_t *s, uint64_t t)
         const ProtobufCMessageDescriptor *d =
             b->o.mode == MODE_BALANCE ? &payment__v1__get_account_balance_response__descriptor
                                       : &payment__v1__get_payment_response__descriptor;
-        ProtobufCMessage *r = unpack(d, s->recv);
+        ProtobufCMessage *r = gc_buffer_unpack(d, s->recv);
         if (!r) {
             if (measured)
                 st->bad_responses++;
@@ -821,8 +788,9 @@ static void complete(bench_t *b, slot_t *s, uint64_t t)
         break;
     }
     case MODE_HEALTH: {
-        Grpc__Health__V1__HealthCheckResponse *r = (Grpc__Health__V1__HealthCheckResponse *)unpack(
-            &grpc__health__v1__health_check_response__descriptor, s->recv);
+        Grpc__Health__V1__HealthCheckResponse *r =
+            (Grpc__Health__V1__HealthCheckResponse *)gc_buffer_unpack(
+                &grpc__health__v1__health_check_response__descriptor, s->recv);
         if (!r) {
             if (measured)
                 st->bad_responses++;
@@ -1074,7 +1042,7 @@ static void resolve_pending(bench_t *b)
             grpc_completion_queue_pluck(b->sync_cq, &s, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
             Payment__V1__AuthorizePaymentResponse *r = NULL;
             if (s.status == GRPC_STATUS_OK)
-                r = (Payment__V1__AuthorizePaymentResponse *)unpack(
+                r = (Payment__V1__AuthorizePaymentResponse *)gc_buffer_unpack(
                     &payment__v1__authorize_payment_response__descriptor, s.recv);
             if (r) {
                 unsigned code = r->error ? (unsigned)r->error->code : 0;

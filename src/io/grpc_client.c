@@ -66,7 +66,32 @@ static uint8_t *buffer_bytes(grpc_byte_buffer *bb, size_t *len)
     return out;
 }
 
-static void copy_slice(char *dst, size_t dstlen, grpc_slice s)
+grpc_byte_buffer *gc_buffer_pack(const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(n);
+    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+ProtobufCMessage *gc_buffer_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb)
+{
+    if (bb == NULL)
+        return NULL;
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, bb))
+        return NULL;
+    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+    ProtobufCMessage *m =
+        protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    grpc_slice_unref(s);
+    grpc_byte_buffer_reader_destroy(&r);
+    return m;
+}
+
+void gc_slice_copy(char *dst, size_t dstlen, grpc_slice s)
 {
     size_t n = GRPC_SLICE_LENGTH(s);
     if (n >= dstlen)
@@ -183,13 +208,13 @@ int gc_unary(gc_t *c, const char *method, const void *req, size_t req_len, int t
     }
     if (rc == 0) {
         out->status = status;
-        copy_slice(out->details, sizeof(out->details), details);
+        gc_slice_copy(out->details, sizeof(out->details), details);
         if (rbuf)
             out->body = buffer_bytes(rbuf, &out->body_len);
         for (size_t i = 0; i < trailing.count && out->ntrailers < 16; i++) {
             char k[128], v[120];
-            copy_slice(k, sizeof(k), trailing.metadata[i].key);
-            copy_slice(v, sizeof(v), trailing.metadata[i].value);
+            gc_slice_copy(k, sizeof(k), trailing.metadata[i].key);
+            gc_slice_copy(v, sizeof(v), trailing.metadata[i].value);
             snprintf(out->trailers[out->ntrailers++], sizeof(out->trailers[0]), "%s: %s", k, v);
         }
     }
@@ -362,7 +387,7 @@ int gc_stream_status(gc_stream_t *s, int wait_ms, grpc_status_code *code, char *
     }
     *code = s->status;
     if (details)
-        copy_slice(details, dlen, s->details);
+        gc_slice_copy(details, dlen, s->details);
     return 0;
 }
 
@@ -432,7 +457,7 @@ static void load_finish(gc_load_t *l, load_call_t *lc)
 {
     unsigned st = (unsigned)lc->status < GC_NSTATUS ? (unsigned)lc->status : GRPC_STATUS_UNKNOWN;
     l->counts[st]++;
-    copy_slice(l->last_details[st], sizeof(l->last_details[st]), lc->details);
+    gc_slice_copy(l->last_details[st], sizeof(l->last_details[st]), lc->details);
     if (lc->rbuf)
         grpc_byte_buffer_destroy(lc->rbuf);
     grpc_byte_buffer_destroy(lc->sbuf);

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <grpc/grpc.h>
 #include <grpc/status.h>
 #include <protobuf-c/protobuf-c.h>
 
@@ -38,6 +39,14 @@ typedef struct gc_md {
     const char *key;
     const char *value;
 } gc_md_t;
+
+/** A byte buffer holding m serialized (for grpc_op SEND_MESSAGE); the caller destroys it. */
+grpc_byte_buffer *gc_buffer_pack(const ProtobufCMessage *m);
+/** Unpacks a received buffer with desc (free with protobuf_c_message_free_unpacked); NULL if
+ *  bb is NULL or malformed. bb stays the caller's. */
+ProtobufCMessage *gc_buffer_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb);
+/** Copies a slice into dst as a NUL-terminated string, truncated to dstlen - 1 bytes. */
+void gc_slice_copy(char *dst, size_t dstlen, grpc_slice s);
 
 /** Connects (lazily) to target, e.g. "127.0.0.1:50051". 0 or -errno. */
 int gc_connect(gc_t **out, const char *target);
