@@ -2,21 +2,34 @@
  * ledger: see ledger.h and db/migrations/002_ledger_authorize.sql.
  *
  * DESIGN
- * Each actor keeps the messages it took in a local FIFO and runs one statement at a time
- * on its connection; results come back through pgconn's callbacks on the same thread.
- * Ending a message is always: end the call, actor_done, dispose — with no failure point
- * in between, so a failing incarnation can never answer a call twice. Messages still in
- * the FIFO when an incarnation fails are on its taken-work list and the runtime fails them
- * (UNAVAILABLE). When the connection goes down every queued message ends UNAVAILABLE at
- * once, and so does every new one until it is back: callers never wait for a database that
- * is not there.
- * Batches (writers): pump takes the AuthorizePayment messages at the FIFO head into
- * s->inflight (a read stops the batch, so the FIFO order is kept) and sends one
- * ledger_authorize_batch statement; its rows answer the calls in order. An SQL error put
- * the whole batch back at the FIFO head (nothing was applied), to be retried in halves
- * (split_pending/split_size) down to single ledger_authorize statements; errors that may
- * come after COMMIT end every call UNAVAILABLE instead. The FIFO has batch_max spare slots
- * so a failed batch always fits back; admission counts queued plus in-flight messages.
+ * Each actor keeps the messages it took in a local FIFO and works through JOBS on its
+ * connection, which is in libpq pipeline mode (io/pgconn.h); results come back through
+ * pgconn's on_entry on the same thread, in order. Ending a message is always: end the
+ * call, actor_done, dispose — with no failure point in between, so a failing incarnation
+ * can never answer a call twice. Messages still in the FIFO or in a job when an
+ * incarnation fails are on its taken-work list and the runtime fails them (UNAVAILABLE).
+ * When the connection goes down every message in flight or queued ends UNAVAILABLE at
+ * once, and so does every new one until it is back: callers never wait for a database
+ * that is not there.
+ * Jobs: at most MAX_JOBS = 2 in flight, and a job is started only behind jobs whose sync
+ * (the end of their transaction) is already queued, so statements never land in another
+ * job's transaction. The second job's statements wait in the server's input while the
+ * first commits: a writer keeps PostgreSQL busy without a round trip between batches.
+ * Batches (two phases, one transaction ended by a sync):
+ *   A. lock the batch's idempotency keys (advisory locks in ascending lock value), drop
+ *      expired ones and read the stored ones, lock every account the batch may touch
+ *      (sorted by id); then a flush request, so the results come back before any commit;
+ *   B. decide() in C, in arrival order, with the balances in memory (a hot account is read
+ *      and written once per batch; a key repeated in the batch replays its first use),
+ *      then one multi-row statement writes payments, entries, balances, keys and outbox
+ *      rows, and the sync commits. Replies go out after the sync came back.
+ * Expected outcomes never raise an SQL error. An SQL error rolls the batch back at its
+ * sync: its messages go back to the FIFO head and are retried in halves
+ * (split_pending/split_size) down to single requests, which take ledger_authorize() (002),
+ * so one bad payment never fails its neighbours. A lost connection after a batch's commit
+ * was queued means an unknown outcome: those calls end UNAVAILABLE and say so. The FIFO
+ * has batch_max spare slots so a failed batch always fits back; admission counts queued
+ * plus in-flight messages.
  */
 #include "actors/ledger.h"
 
@@ -43,11 +56,6 @@ static const char SQL_AUTHORIZE[] =
     "SELECT outcome, payment_id, status, error_code, error_message, processed_at"
     " FROM ledger_authorize($1, $2, $3::bytea, $4, $5, $6, $7, $8::bigint, $9, $10,"
     " $11::timestamptz, $12::interval, $13::bigint)";
-static const char SQL_AUTHORIZE_BATCH[] =
-    "SELECT ord, outcome, payment_id, status, error_code, error_message, processed_at"
-    " FROM ledger_authorize_batch($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::timestamptz[],"
-    " $12::interval, $13::bigint)";
 static const char SQL_GET_PAYMENT[] =
     "SELECT id, payer_account_id, payee_account_id, amount_cents, currency, status,"
     " description, pay_format_ts(created_at), pay_format_ts(updated_at)"
@@ -80,6 +88,51 @@ struct ledger_pool {
     bool legacy;                     /* one of those: freed at exit, logs nothing */
 };
 
+/* One AuthorizePayment request of a batch: its ids and times, then its outcome. */
+typedef enum { OUT_NEW, OUT_DUPLICATE, OUT_CONFLICT } outcome_t;
+typedef struct breq {
+    char scope[300];
+    char kid[300 + 1 + 256]; /* scope, US (0x1f), key: the key's identity and lock name */
+    char fp[65];             /* SHA-256 fingerprint, hex */
+    char pid[ULID_SIZE], eid[ULID_SIZE];
+    char now_s[ULID_TIME_SIZE], exp_s[ULID_TIME_SIZE];
+    int first;  /* the first request of the batch with the same key (itself when none) */
+    int stored; /* the key's stored row in the job's keys result, -1 = none */
+    outcome_t outcome;
+    /* the reply: pointers into this request, its first, or the keys result */
+    const char *res_pid, *status, *code, *res_msg, *res_at;
+    char msg[256];
+    int64_t deb_after, cred_after;
+} breq_t;
+
+/* What a job does on the connection: prepare the statements (after each connect), purge
+ * expired keys, run one message's statement, or apply a batch in two phases (A: lock keys,
+ * read keys, lock accounts; B: write, then the sync commits). */
+typedef enum { JOB_PREPARE, JOB_PURGE, JOB_ONE, JOB_BATCH } job_kind_t;
+
+#define MAX_JOBS 2 /* one transaction committing, the next one's phase A queued behind it */
+
+typedef struct job {
+    job_kind_t kind;
+    payment_msg_t **ms; /* batch_max slots */
+    size_t n;
+    size_t nnew;    /* batch: requests recorded now (OUT_NEW) */
+    bool sync_sent; /* its transaction's end is queued: a later job may follow */
+    bool sql_error; /* the server refused a statement: nothing of the job was applied */
+    bool lost;      /* the connection went first: on_down ends the job */
+    char sqlstate[8];
+    char why[400];
+    PGresult *res;         /* JOB_ONE, JOB_PURGE: the statement's result */
+    PGresult *keys, *accs; /* JOB_BATCH: stored keys, locked accounts */
+    breq_t *rq;            /* batch_max */
+    const char **kptr;     /* batch_max: rq[i].kid */
+    const char **aptr;     /* 2 batch_max: the locked accounts' ids */
+    int64_t *abal;         /* their balances as the batch goes */
+    int *aupd;             /* the last request that moved them, -1 = untouched */
+    int *kslot, *aslot;    /* hash tables (smask + 1 slots) over kptr / aptr */
+    size_t smask;
+} job_t;
+
 /* An actor incarnation's state (its thread only). */
 typedef struct lstate {
     ledger_slot_t *slot;
@@ -88,14 +141,19 @@ typedef struct lstate {
     pgconn_t *pg;
     payment_msg_t **fifo; /* room for mailbox_capacity + batch_max: a failed batch goes back */
     size_t cap, head, len;
-    payment_msg_t **inflight; /* the statement in flight: one message, or a batch */
-    size_t ninflight;
-    bool batch_inflight;  /* ledger_authorize_batch (else one message's statement) */
+    job_t jobs[MAX_JOBS]; /* in flight, oldest at jhead */
+    unsigned jhead, njobs;
+    size_t inflight;      /* messages in the jobs */
+    bool prepared;        /* the statements are prepared (or queued) on this connection */
     size_t split_pending; /* messages at the FIFO head retried after a failed batch */
     size_t split_size;    /* ... taken at most this many per batch */
-    bool purge_inflight, purge_due;
+    bool purge_due;
     actor_timer_t *purge_timer;
 } lstate_t;
+
+#define CONFLICT_TEXT                                                                              \
+    "idempotency_key: already used for a different request (payer, payee, amount_cents or "        \
+    "currency differ)"
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -224,6 +282,25 @@ static void end_fail(lstate_t *s, payment_msg_t *m, grpc_status_code code, const
     msg_dispose(&m->hdr);
 }
 
+/* An AuthorizePayment reply (NEW or replayed). */
+static void answer_authorize_fields(lstate_t *s, payment_msg_t *m, bool duplicate, const char *pid,
+                                    const char *status, const char *code, const char *message,
+                                    const char *processed_at)
+{
+    Payment__V1__AuthorizePaymentResponse resp = PAYMENT__V1__AUTHORIZE_PAYMENT_RESPONSE__INIT;
+    Payment__V1__PaymentError perr = PAYMENT__V1__PAYMENT_ERROR__INIT;
+    resp.payment_id = (char *)pid;
+    resp.status =
+        duplicate ? PAYMENT__V1__PAYMENT_STATUS__PAYMENT_STATUS_DUPLICATE : status_of(status);
+    if (code) {
+        perr.code = error_code_of(code);
+        perr.message = (char *)(message ? message : "");
+        resp.error = &perr;
+    }
+    resp.processed_at = (char *)processed_at;
+    end_reply(s, m, &resp.base);
+}
+
 static void fail_queued(lstate_t *s, const char *text)
 {
     while (s->len > 0) {
@@ -237,59 +314,124 @@ static void fail_queued(lstate_t *s, const char *text)
 
 /* ---- statements ------------------------------------------------------------------------- */
 
-static int start_authorize(lstate_t *s, payment_msg_t *m)
+/* Prepared on every connection (once the schema exists), by name. */
+enum { S_AUTH1, S_GETP, S_GETB, S_PURGE, S_LOCKK, S_READK, S_LOCKA, S_APPLY, NSTMT };
+
+static const struct {
+    const char *name, *sql;
+} STMTS[NSTMT] = {
+    [S_AUTH1] = {"auth1", SQL_AUTHORIZE},
+    [S_GETP] = {"getp", SQL_GET_PAYMENT},
+    [S_GETB] = {"getb", SQL_GET_BALANCE},
+    [S_PURGE] = {"purge", SQL_PURGE},
+    /* A batch, phase A: lock its idempotency keys in ascending order of the lock value
+     * (the lock of 002's ledger_authorize: one key's lock is the same on both paths) ... */
+    [S_LOCKK] = {"lockk",
+                 "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+                 " FROM unnest($1::text[]) AS t(k) ORDER BY 1) AS s"},
+    /* ... drop the expired ones (absent, as in 002) and read the stored ones ... */
+    [S_READK] = {"readk",
+                 "WITH k AS (SELECT DISTINCT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k)),"
+                 " d AS (DELETE FROM idempotency_keys i USING k"
+                 " WHERE i.scope = k.s AND i.key = k.k AND i.expires_at <= now())"
+                 " SELECT i.scope, i.key, encode(i.fingerprint, 'hex'), i.payment_id, i.status,"
+                 " i.error_code, i.error_message, pay_format_ts(i.processed_at)"
+                 " FROM idempotency_keys i JOIN k ON i.scope = k.s AND i.key = k.k"
+                 " WHERE i.expires_at > now()"},
+    /* ... then lock the accounts, sorted, once. */
+    [S_LOCKA] = {"locka",
+                 "SELECT id, currency, balance_cents, status = 'active' AND kind = 'customer'"
+                 " FROM accounts WHERE id = ANY ($1::text[]) ORDER BY id FOR NO KEY UPDATE"},
+    /* Phase B: every row of the batch's new payments in one statement (multi-row inserts
+     * from arrays, entries in the order applied so their ids follow it), one UPDATE of the
+     * touched balances, one NOTIFY. */
+    [S_APPLY] =
+        {"apply",
+         "WITH p AS (INSERT INTO payments (id, payer_account_id, payee_account_id,"
+         " amount_cents, currency, status, error_code, error_message, description,"
+         " idempotency_scope, idempotency_key, idempotency_expires_at, created_at,"
+         " updated_at)"
+         " SELECT id, py, pe, am, cu, st, co, ms, de, sc, k, ex, ts, ts"
+         " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],"
+         " $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],"
+         " $12::timestamptz[], $13::timestamptz[])"
+         " AS t(id, py, pe, am, cu, st, co, ms, de, sc, k, ex, ts)),"
+         " e AS (INSERT INTO ledger_entries (payment_id, account_id, entry_type,"
+         " amount_cents, currency, balance_after_cents, created_at)"
+         " SELECT * FROM unnest($17::text[], $18::text[], $19::text[], $20::bigint[],"
+         " $21::text[], $22::bigint[], $23::timestamptz[])),"
+         " u AS (UPDATE accounts a SET balance_cents = v.bal, updated_at = v.upd"
+         " FROM unnest($24::text[], $25::bigint[], $26::timestamptz[]) AS v(id, bal, upd)"
+         " WHERE a.id = v.id),"
+         " k AS (INSERT INTO idempotency_keys (scope, key, fingerprint, payment_id, status,"
+         " error_code, error_message, processed_at, expires_at)"
+         " SELECT sc, k, decode(fp, 'hex'), id, st, co, ms, ts, ex"
+         " FROM unnest($10::text[], $11::text[], $14::text[], $1::text[], $6::text[],"
+         " $7::text[], $8::text[], $13::timestamptz[], $12::timestamptz[])"
+         " AS t(sc, k, fp, id, st, co, ms, ts, ex)),"
+         " o AS (INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload,"
+         " created_at, next_attempt_at)"
+         " SELECT ev, 'Payment', id, CASE WHEN co IS NULL THEN 'PaymentAuthorized'"
+         " ELSE 'PaymentDeclined' END, pl::jsonb, ts, ts"
+         " FROM unnest($15::text[], $1::text[], $7::text[], $16::text[], $13::timestamptz[])"
+         " AS t(ev, id, co, pl, ts))"
+         " SELECT pg_notify('outbox_pending', '')"},
+};
+#define APPLY_NPARAMS 26
+
+/* The steps of a job's pipeline entries. */
+enum { STEP_PREPARE = 1, STEP_STMT, STEP_LOCKK, STEP_READK, STEP_LOCKA, STEP_APPLY, STEP_SYNC };
+
+static int exec_one(lstate_t *s, job_t *j, payment_msg_t *m)
 {
-    const Payment__V1__AuthorizePaymentRequest *r = m->req.authorize;
-    const ledger_config_t *cfg = &s->pool->cfg;
+    const char *p[13];
     char scope[300], fphex[2 + 64 + 1], pid[ULID_SIZE], eid[ULID_SIZE], now_s[ULID_TIME_SIZE];
     char amount[24], ttl[32], max[24];
-    uint8_t fp[32];
-    int64_t now_us;
-
-    idempotency_scope(scope, sizeof scope, cfg->idempotency_per_client, m);
-    ledger_fingerprint(fp, r->payer_account_id, r->payee_account_id, r->amount_cents, r->currency);
-    fphex[0] = '\\';
-    fphex[1] = 'x';
-    hex(fphex + 2, fp, 32);
-    ulid_new_at(pid, &now_us);
-    ulid_new(eid);
-    ulid_format_time(now_s, now_us);
-    snprintf(amount, sizeof amount, "%" PRId64, r->amount_cents);
-    snprintf(ttl, sizeof ttl, "%" PRId64 " hours", cfg->idempotency_ttl_hours);
-    snprintf(max, sizeof max, "%" PRId64, cfg->max_amount_cents);
-    const char *params[13] = {scope,
-                              r->idempotency_key,
-                              fphex,
-                              pid,
-                              eid,
-                              r->payer_account_id,
-                              r->payee_account_id,
-                              amount,
-                              r->currency,
-                              r->description ? r->description : "",
-                              now_s,
-                              ttl,
-                              max};
-    return pgconn_query(s->pg, SQL_AUTHORIZE, 13, params, cfg->statement_timeout_ns);
-}
-
-static int start_message(lstate_t *s, payment_msg_t *m)
-{
-    const char *p[1];
     switch ((payment_method_t)m->hdr.type) {
-    case PAYMENT_AUTHORIZE:
-        return start_authorize(s, m);
+    case PAYMENT_AUTHORIZE: {
+        const Payment__V1__AuthorizePaymentRequest *r = m->req.authorize;
+        const ledger_config_t *cfg = &s->pool->cfg;
+        uint8_t fp[32];
+        int64_t now_us;
+        idempotency_scope(scope, sizeof scope, cfg->idempotency_per_client, m);
+        ledger_fingerprint(fp, r->payer_account_id, r->payee_account_id, r->amount_cents,
+                           r->currency);
+        fphex[0] = '\\';
+        fphex[1] = 'x';
+        hex(fphex + 2, fp, 32);
+        ulid_new_at(pid, &now_us);
+        ulid_new(eid);
+        ulid_format_time(now_s, now_us);
+        snprintf(amount, sizeof amount, "%" PRId64, r->amount_cents);
+        snprintf(ttl, sizeof ttl, "%" PRId64 " hours", cfg->idempotency_ttl_hours);
+        snprintf(max, sizeof max, "%" PRId64, cfg->max_amount_cents);
+        const char *v[13] = {scope,
+                             r->idempotency_key,
+                             fphex,
+                             pid,
+                             eid,
+                             r->payer_account_id,
+                             r->payee_account_id,
+                             amount,
+                             r->currency,
+                             r->description ? r->description : "",
+                             now_s,
+                             ttl,
+                             max};
+        memcpy(p, v, sizeof v);
+        return pgconn_exec(s->pg, STMTS[S_AUTH1].name, 13, p, j, STEP_STMT);
+    }
     case PAYMENT_GET_PAYMENT:
         p[0] = m->req.get_payment->payment_id;
-        return pgconn_query(s->pg, SQL_GET_PAYMENT, 1, p, s->pool->cfg.statement_timeout_ns);
+        return pgconn_exec(s->pg, STMTS[S_GETP].name, 1, p, j, STEP_STMT);
     case PAYMENT_GET_BALANCE:
         p[0] = m->req.get_balance->account_id;
-        return pgconn_query(s->pg, SQL_GET_BALANCE, 1, p, s->pool->cfg.statement_timeout_ns);
+        return pgconn_exec(s->pg, STMTS[S_GETB].name, 1, p, j, STEP_STMT);
     }
     return -EINVAL;
 }
 
-/* ---- batches ---------------------------------------------------------------------------- */
+/* ---- batches: building the statements' array parameters -------------------------------- */
 
 /* A growing string (a PostgreSQL array literal); allocation failure is fatal. */
 typedef struct sbuf {
@@ -315,14 +457,58 @@ static void sbuf_put(sbuf_t *b, const char *s, size_t n)
 }
 
 /* Appends s as one quoted element of an array literal ("{"...","..."}"): inside quotes
- * only '"' and '\\' need a backslash, so any text (commas, braces, spaces) survives. */
+ * only '"' and '\\' need a backslash, so any text (commas, braces, spaces) survives.
+ * NULL appends an SQL NULL element. */
 static void sbuf_elem(sbuf_t *b, const char *s)
 {
-    sbuf_put(b, b->len == 0 ? "{\"" : ",\"", 2);
+    sbuf_put(b, b->len == 0 ? "{" : ",", 1);
+    if (!s) {
+        sbuf_put(b, "NULL", 4);
+        return;
+    }
+    sbuf_put(b, "\"", 1);
+    const char *run = s;
     for (const char *q = s; *q; q++) {
-        if (*q == '"' || *q == '\\')
+        if (*q == '"' || *q == '\\') {
+            sbuf_put(b, run, (size_t)(q - run));
             sbuf_put(b, "\\", 1);
-        sbuf_put(b, q, 1);
+            run = q;
+        }
+    }
+    sbuf_put(b, run, strlen(run));
+    sbuf_put(b, "\"", 1);
+}
+
+static void sbuf_i64(sbuf_t *b, int64_t v)
+{
+    char t[24];
+    snprintf(t, sizeof t, "%" PRId64, v);
+    sbuf_elem(b, t);
+}
+
+/* The finished literal ("{}" when empty). */
+static const char *sbuf_array(sbuf_t *b)
+{
+    sbuf_put(b, b->len == 0 ? "{}" : "}", b->len == 0 ? 2 : 1);
+    return b->p;
+}
+
+/* s as a JSON string (quotes included). */
+static void sbuf_json_str(sbuf_t *b, const char *s)
+{
+    sbuf_put(b, "\"", 1);
+    for (const unsigned char *q = (const unsigned char *)s; *q; q++) {
+        char t[8];
+        if (*q == '"' || *q == '\\') {
+            t[0] = '\\';
+            t[1] = (char)*q;
+            sbuf_put(b, t, 2);
+        } else if (*q < 0x20) {
+            snprintf(t, sizeof t, "\\u%04x", *q);
+            sbuf_put(b, t, 6);
+        } else {
+            sbuf_put(b, (const char *)q, 1);
+        }
     }
     sbuf_put(b, "\"", 1);
 }
@@ -340,54 +526,283 @@ static void record_batch(ledger_pool_t *p, size_t n)
         ;
 }
 
-/* One statement for the n (>= 2) AuthorizePayment messages of s->inflight. */
-static int start_batch(lstate_t *s)
+/* Open addressing over strings, storing indexes into keys[]: the index of k, or -1 after
+ * inserting idx (when idx >= 0). slot has mask + 1 entries, all -1 initially. */
+static int smap(int *slot, size_t mask, const char *const *keys, const char *k, int idx)
 {
-    enum { SCOPE, KEY, FP, PID, EID, PAYER, PAYEE, AMOUNT, CURRENCY, DESCR, NOW, NARRAYS };
+    for (size_t h = hash_str(k) & mask;; h = (h + 1) & mask) {
+        if (slot[h] < 0) {
+            if (idx >= 0)
+                slot[h] = idx;
+            return -1;
+        }
+        if (strcmp(keys[slot[h]], k) == 0)
+            return slot[h];
+    }
+}
+
+/* Phase A of a batch (>= 2 AuthorizePayment messages in j->ms): make its ids and times,
+ * find keys repeated inside it, and queue the locks and reads. */
+static int send_phase_a(lstate_t *s, job_t *j)
+{
     const ledger_config_t *cfg = &s->pool->cfg;
-    sbuf_t arr[NARRAYS] = {{0}};
-    for (size_t i = 0; i < s->ninflight; i++) {
-        payment_msg_t *m = s->inflight[i];
-        const Payment__V1__AuthorizePaymentRequest *r = m->req.authorize;
-        char scope[300], fphex[65], pid[ULID_SIZE], eid[ULID_SIZE], now_s[ULID_TIME_SIZE];
-        char amount[24];
+    sbuf_t kids = {0}, scopes = {0}, keys = {0}, accs = {0};
+    memset(j->kslot, 0xff, (j->smask + 1) * sizeof(*j->kslot));
+    int64_t ttl_us = cfg->idempotency_ttl_hours * INT64_C(3600000000);
+    for (size_t i = 0; i < j->n; i++) {
+        breq_t *q = &j->rq[i];
+        const Payment__V1__AuthorizePaymentRequest *r = j->ms[i]->req.authorize;
         uint8_t fp[32];
         int64_t now_us;
-        idempotency_scope(scope, sizeof scope, cfg->idempotency_per_client, m);
+        idempotency_scope(q->scope, sizeof q->scope, cfg->idempotency_per_client, j->ms[i]);
+        snprintf(q->kid, sizeof q->kid, "%s\x1f%s", q->scope, r->idempotency_key);
         ledger_fingerprint(fp, r->payer_account_id, r->payee_account_id, r->amount_cents,
                            r->currency);
-        hex(fphex, fp, 32);
-        ulid_new_at(pid, &now_us);
-        ulid_new(eid);
-        ulid_format_time(now_s, now_us);
-        snprintf(amount, sizeof amount, "%" PRId64, r->amount_cents);
-        sbuf_elem(&arr[SCOPE], scope);
-        sbuf_elem(&arr[KEY], r->idempotency_key);
-        sbuf_elem(&arr[FP], fphex);
-        sbuf_elem(&arr[PID], pid);
-        sbuf_elem(&arr[EID], eid);
-        sbuf_elem(&arr[PAYER], r->payer_account_id);
-        sbuf_elem(&arr[PAYEE], r->payee_account_id);
-        sbuf_elem(&arr[AMOUNT], amount);
-        sbuf_elem(&arr[CURRENCY], r->currency);
-        sbuf_elem(&arr[DESCR], r->description ? r->description : "");
-        sbuf_elem(&arr[NOW], now_s);
+        hex(q->fp, fp, 32);
+        ulid_new_at(q->pid, &now_us);
+        ulid_new(q->eid);
+        ulid_format_time(q->now_s, now_us);
+        ulid_format_time(q->exp_s, now_us + ttl_us);
+        j->kptr[i] = q->kid;
+        int f = smap(j->kslot, j->smask, j->kptr, q->kid, (int)i);
+        q->first = f < 0 ? (int)i : f;
+        q->stored = -1;
+        if (q->first == (int)i) {
+            sbuf_elem(&kids, q->kid);
+            sbuf_elem(&scopes, q->scope);
+            sbuf_elem(&keys, r->idempotency_key);
+        }
+        /* Every account a request may need (a superset: replays lock theirs too, which
+         * changes nothing but the lock set; the order stays keys, then accounts). */
+        if (r->amount_cents > 0 && r->amount_cents <= cfg->max_amount_cents &&
+            strcmp(r->payer_account_id, r->payee_account_id) != 0) {
+            sbuf_elem(&accs, r->payer_account_id);
+            sbuf_elem(&accs, r->payee_account_id);
+        }
     }
-    char ttl[32], max[24];
-    snprintf(ttl, sizeof ttl, "%" PRId64 " hours", cfg->idempotency_ttl_hours);
-    snprintf(max, sizeof max, "%" PRId64, cfg->max_amount_cents);
-    const char *params[13];
-    for (int i = 0; i < NARRAYS; i++) {
-        sbuf_put(&arr[i], "}", 1);
-        params[i] = arr[i].p;
-    }
-    params[11] = ttl;
-    params[12] = max;
-    int rc = pgconn_query(s->pg, SQL_AUTHORIZE_BATCH, 13, params, cfg->statement_timeout_ns);
-    for (int i = 0; i < NARRAYS; i++)
-        free(arr[i].p);
+    const char *p1[1] = {sbuf_array(&kids)};
+    const char *p2[2] = {sbuf_array(&scopes), sbuf_array(&keys)};
+    const char *p3[1] = {sbuf_array(&accs)};
+    int rc = pgconn_exec(s->pg, STMTS[S_LOCKK].name, 1, p1, j, STEP_LOCKK);
+    if (rc == 0)
+        rc = pgconn_exec(s->pg, STMTS[S_READK].name, 2, p2, j, STEP_READK);
+    if (rc == 0)
+        rc = pgconn_exec(s->pg, STMTS[S_LOCKA].name, 1, p3, j, STEP_LOCKA);
+    if (rc == 0)
+        rc = pgconn_push(s->pg, true, cfg->statement_timeout_ns);
+    free(kids.p);
+    free(scopes.p);
+    free(keys.p);
+    free(accs.p);
     return rc;
 }
+
+static void replay_stored(job_t *j, breq_t *q, int row)
+{
+    PGresult *k = j->keys;
+    q->outcome = strcmp(PQgetvalue(k, row, 2), q->fp) == 0 ? OUT_DUPLICATE : OUT_CONFLICT;
+    q->res_pid = PQgetvalue(k, row, 3);
+    q->status = PQgetvalue(k, row, 4);
+    q->code = PQgetisnull(k, row, 5) ? NULL : PQgetvalue(k, row, 5);
+    q->res_msg = PQgetisnull(k, row, 6) ? NULL : PQgetvalue(k, row, 6);
+    q->res_at = PQgetvalue(k, row, 7);
+}
+
+/* Decides every request of the batch in arrival order with the balances in memory: the
+ * outcome each would get from ledger_authorize() (002) alone, one after the other. */
+static void decide(lstate_t *s, job_t *j)
+{
+    const ledger_config_t *cfg = &s->pool->cfg;
+    PGresult *k = j->keys, *a = j->accs;
+    char kid[sizeof j->rq[0].kid];
+    for (int row = 0; row < PQntuples(k); row++) {
+        snprintf(kid, sizeof kid, "%s\x1f%s", PQgetvalue(k, row, 0), PQgetvalue(k, row, 1));
+        int f = smap(j->kslot, j->smask, j->kptr, kid, -1);
+        if (f >= 0)
+            j->rq[f].stored = row;
+    }
+    int na = PQntuples(a);
+    memset(j->aslot, 0xff, (j->smask + 1) * sizeof(*j->aslot));
+    for (int row = 0; row < na; row++) {
+        j->aptr[row] = PQgetvalue(a, row, 0);
+        smap(j->aslot, j->smask, j->aptr, j->aptr[row], row);
+        j->abal[row] = strtoll(PQgetvalue(a, row, 2), NULL, 10);
+        j->aupd[row] = -1;
+    }
+    for (size_t i = 0; i < j->n; i++) {
+        breq_t *q = &j->rq[i];
+        const Payment__V1__AuthorizePaymentRequest *r = j->ms[i]->req.authorize;
+        breq_t *f = &j->rq[q->first];
+        if (f->stored >= 0) {
+            replay_stored(j, q, f->stored);
+            continue;
+        }
+        if (f != q) { /* the first request with this key executed: replay it */
+            q->outcome = strcmp(f->fp, q->fp) == 0 ? OUT_DUPLICATE : OUT_CONFLICT;
+            q->res_pid = f->res_pid;
+            q->status = f->status;
+            q->code = f->code;
+            q->res_msg = f->res_msg;
+            q->res_at = f->res_at;
+            continue;
+        }
+        const char *payer = r->payer_account_id, *payee = r->payee_account_id;
+        int pi = -1, ei = -1;
+        q->code = NULL;
+        if (r->amount_cents <= 0 || r->amount_cents > cfg->max_amount_cents) {
+            q->code = "INVALID_AMOUNT";
+            snprintf(q->msg, sizeof q->msg,
+                     "amount_cents must be between 1 and %" PRId64 ", got %" PRId64,
+                     cfg->max_amount_cents, r->amount_cents);
+        } else if (strcmp(payer, payee) == 0) {
+            q->code = "SAME_ACCOUNT";
+            snprintf(q->msg, sizeof q->msg, "payer and payee are the same account %s", payer);
+        } else {
+            pi = smap(j->aslot, j->smask, j->aptr, payer, -1);
+            ei = smap(j->aslot, j->smask, j->aptr, payee, -1);
+            if (pi < 0 || strcmp(PQgetvalue(a, pi, 3), "t") != 0) {
+                q->code = "ACCOUNT_NOT_FOUND";
+                snprintf(q->msg, sizeof q->msg, "payer account %s not found", payer);
+            } else if (ei < 0 || strcmp(PQgetvalue(a, ei, 3), "t") != 0) {
+                q->code = "ACCOUNT_NOT_FOUND";
+                snprintf(q->msg, sizeof q->msg, "payee account %s not found", payee);
+            } else if (strcmp(PQgetvalue(a, pi, 1), r->currency) != 0) {
+                q->code = "CURRENCY_MISMATCH";
+                snprintf(q->msg, sizeof q->msg, "currency %s does not match payer account %s (%s)",
+                         r->currency, payer, PQgetvalue(a, pi, 1));
+            } else if (strcmp(PQgetvalue(a, ei, 1), r->currency) != 0) {
+                q->code = "CURRENCY_MISMATCH";
+                snprintf(q->msg, sizeof q->msg, "currency %s does not match payee account %s (%s)",
+                         r->currency, payee, PQgetvalue(a, ei, 1));
+            } else if (j->abal[pi] < r->amount_cents) {
+                q->code = "INSUFFICIENT_FUNDS";
+                snprintf(q->msg, sizeof q->msg, "insufficient funds in payer account %s", payer);
+            }
+        }
+        q->outcome = OUT_NEW;
+        q->res_pid = q->pid;
+        q->res_at = q->now_s;
+        q->status = q->code ? "DECLINED" : "AUTHORIZED";
+        q->res_msg = q->code ? q->msg : NULL;
+        j->nnew++;
+        if (!q->code) {
+            j->abal[pi] -= r->amount_cents;
+            j->abal[ei] += r->amount_cents;
+            q->deb_after = j->abal[pi];
+            q->cred_after = j->abal[ei];
+            j->aupd[pi] = (int)i;
+            j->aupd[ei] = (int)i;
+        }
+    }
+}
+
+/* Phase B: the new payments' rows in one statement (when there are any), then the sync
+ * that commits the whole batch. */
+static int send_phase_b(lstate_t *s, job_t *j)
+{
+    enum {
+        PID,
+        PAYER,
+        PAYEE,
+        AMT,
+        CUR,
+        ST,
+        CODE,
+        MSG,
+        DESCR,
+        SCOPE,
+        KEY,
+        EXP,
+        TS,
+        FP,
+        EID,
+        PL,
+        E_PID,
+        E_ACC,
+        E_TYPE,
+        E_AMT,
+        E_CUR,
+        E_AFTER,
+        E_TS,
+        A_ID,
+        A_BAL,
+        A_UPD
+    };
+    int rc = 0;
+    if (j->nnew > 0) {
+        sbuf_t b[APPLY_NPARAMS] = {{0}};
+        sbuf_t pl = {0};
+        for (size_t i = 0; i < j->n; i++) {
+            breq_t *q = &j->rq[i];
+            if (q->outcome != OUT_NEW)
+                continue;
+            const Payment__V1__AuthorizePaymentRequest *r = j->ms[i]->req.authorize;
+            sbuf_elem(&b[PID], q->pid);
+            sbuf_elem(&b[PAYER], r->payer_account_id);
+            sbuf_elem(&b[PAYEE], r->payee_account_id);
+            sbuf_i64(&b[AMT], r->amount_cents);
+            sbuf_elem(&b[CUR], r->currency);
+            sbuf_elem(&b[ST], q->status);
+            sbuf_elem(&b[CODE], q->code);
+            sbuf_elem(&b[MSG], q->res_msg);
+            sbuf_elem(&b[DESCR], r->description ? r->description : "");
+            sbuf_elem(&b[SCOPE], q->scope);
+            sbuf_elem(&b[KEY], r->idempotency_key);
+            sbuf_elem(&b[EXP], q->exp_s);
+            sbuf_elem(&b[TS], q->now_s);
+            sbuf_elem(&b[FP], q->fp);
+            sbuf_elem(&b[EID], q->eid);
+            pl.len = 0;
+            sbuf_put(&pl, "{\"payment_id\":", 14);
+            sbuf_json_str(&pl, q->pid);
+            sbuf_put(&pl, ",\"payer_account_id\":", 20);
+            sbuf_json_str(&pl, r->payer_account_id);
+            sbuf_put(&pl, ",\"payee_account_id\":", 20);
+            sbuf_json_str(&pl, r->payee_account_id);
+            char amt[40];
+            int an = snprintf(amt, sizeof amt, ",\"amount_cents\":%" PRId64, r->amount_cents);
+            sbuf_put(&pl, amt, (size_t)an);
+            sbuf_put(&pl, ",\"currency\":", 12);
+            sbuf_json_str(&pl, r->currency);
+            if (q->code) {
+                sbuf_put(&pl, ",\"error_code\":", 14);
+                sbuf_json_str(&pl, q->code);
+                sbuf_put(&pl, ",\"error_message\":", 17);
+                sbuf_json_str(&pl, q->res_msg);
+            }
+            sbuf_put(&pl, "}", 1);
+            sbuf_elem(&b[PL], pl.p);
+            if (q->code)
+                continue;
+            for (int side = 0; side < 2; side++) {
+                sbuf_elem(&b[E_PID], q->pid);
+                sbuf_elem(&b[E_ACC], side == 0 ? r->payer_account_id : r->payee_account_id);
+                sbuf_elem(&b[E_TYPE], side == 0 ? "DEBIT" : "CREDIT");
+                sbuf_i64(&b[E_AMT], r->amount_cents);
+                sbuf_elem(&b[E_CUR], r->currency);
+                sbuf_i64(&b[E_AFTER], side == 0 ? q->deb_after : q->cred_after);
+                sbuf_elem(&b[E_TS], q->now_s);
+            }
+        }
+        for (int row = 0; row < PQntuples(j->accs); row++) {
+            if (j->aupd[row] < 0)
+                continue;
+            sbuf_elem(&b[A_ID], j->aptr[row]);
+            sbuf_i64(&b[A_BAL], j->abal[row]);
+            sbuf_elem(&b[A_UPD], j->rq[j->aupd[row]].now_s);
+        }
+        const char *params[APPLY_NPARAMS];
+        for (int i = 0; i < APPLY_NPARAMS; i++)
+            params[i] = sbuf_array(&b[i]);
+        rc = pgconn_exec(s->pg, STMTS[S_APPLY].name, APPLY_NPARAMS, params, j, STEP_APPLY);
+        for (int i = 0; i < APPLY_NPARAMS; i++)
+            free(b[i].p);
+        free(pl.p);
+    }
+    return rc;
+}
+
+/* ---- jobs ------------------------------------------------------------------------------- */
 
 static payment_msg_t *fifo_pop(lstate_t *s)
 {
@@ -409,21 +824,79 @@ static bool expired(lstate_t *s, payment_msg_t *m)
     return false;
 }
 
-/* Starts the next statement when the connection is idle: a due purge first, else the
- * oldest queued message (expired ones end DEADLINE_EXCEEDED without touching the DB).
- * AuthorizePayment messages queued together go as one batch of whatever is queued now
- * (up to batch_max; fewer while retrying a failed batch split): a lone request never
- * waits for company. */
+static job_t *job_at(lstate_t *s, unsigned k)
+{
+    return &s->jobs[(s->jhead + k) % MAX_JOBS];
+}
+
+static void job_clear(job_t *j)
+{
+    PQclear(j->res);
+    PQclear(j->keys);
+    PQclear(j->accs);
+    j->res = j->keys = j->accs = NULL;
+    j->n = 0;
+    j->nnew = 0;
+    j->sync_sent = j->sql_error = j->lost = false;
+    j->sqlstate[0] = j->why[0] = '\0';
+}
+
+/* Ends the oldest job (its sync came back). */
+static void job_pop(lstate_t *s)
+{
+    job_clear(job_at(s, 0));
+    s->jhead = (s->jhead + 1) % MAX_JOBS;
+    s->njobs--;
+}
+
+/* Queues the end of j's transaction and sends everything queued. */
+static int send_sync(lstate_t *s, job_t *j)
+{
+    j->sync_sent = true;
+    int rc = pgconn_sync(s->pg, j, STEP_SYNC);
+    if (rc == 0)
+        rc = pgconn_push(s->pg, false, s->pool->cfg.statement_timeout_ns);
+    return rc;
+}
+
+/* Starts the next job when the connection allows one: at most MAX_JOBS in flight, and
+ * only behind jobs whose transaction end is already queued (a new job's statements must
+ * never land inside an open transaction). First the statements' preparation after a
+ * (re)connect, then a due purge, then the oldest queued messages: AuthorizePayment
+ * messages queued together go as one batch of whatever is queued now (up to batch_max;
+ * fewer while retrying a failed batch split), so a lone request never waits for company;
+ * a read stops the batch, so the FIFO order is kept. A failure to queue means the
+ * connection is being dropped: on_down ends the jobs in flight. */
 static void pump(lstate_t *s)
 {
-    while (s->pg && pgconn_idle(s->pg) && s->ninflight == 0 && !s->purge_inflight) {
-        if (s->purge_due && atomic_load_explicit(&s->pool->schema_ready, memory_order_acquire)) {
+    while (s->pg && pgconn_up(s->pg) && s->njobs < MAX_JOBS &&
+           (s->njobs == 0 || job_at(s, s->njobs - 1)->sync_sent)) {
+        bool ready = atomic_load_explicit(&s->pool->schema_ready, memory_order_acquire);
+        if (!s->prepared) {
+            if (!ready)
+                return;
+            job_t *j = job_at(s, s->njobs++);
+            j->kind = JOB_PREPARE;
+            s->prepared = true;
+            int rc = 0;
+            for (int i = 0; i < NSTMT && rc == 0; i++)
+                rc = pgconn_prepare(s->pg, STMTS[i].name, STMTS[i].sql, j, STEP_PREPARE);
+            if (rc == 0)
+                rc = send_sync(s, j);
+            if (rc < 0)
+                return;
+            continue;
+        }
+        if (s->purge_due && ready) {
             char lim[16];
             snprintf(lim, sizeof lim, "%d", PURGE_BATCH);
             const char *p[1] = {lim};
             s->purge_due = false;
-            if (pgconn_query(s->pg, SQL_PURGE, 1, p, s->pool->cfg.statement_timeout_ns) == 0)
-                s->purge_inflight = true;
+            job_t *j = job_at(s, s->njobs++);
+            j->kind = JOB_PURGE;
+            if (pgconn_exec(s->pg, STMTS[S_PURGE].name, 1, p, j, STEP_STMT) < 0 ||
+                send_sync(s, j) < 0)
+                return;
             continue;
         }
         if (s->len == 0)
@@ -434,26 +907,30 @@ static void pump(lstate_t *s)
         payment_msg_t *m = fifo_pop(s);
         if (expired(s, m))
             continue;
-        s->inflight[0] = m;
-        s->ninflight = 1;
-        while (m->hdr.type == PAYMENT_AUTHORIZE && s->ninflight < limit && s->len > 0 &&
+        job_t *j = job_at(s, s->njobs++);
+        j->ms[0] = m;
+        j->n = 1;
+        while (m->hdr.type == PAYMENT_AUTHORIZE && j->n < limit && s->len > 0 &&
                s->fifo[s->head]->hdr.type == PAYMENT_AUTHORIZE) {
             payment_msg_t *next = fifo_pop(s);
             if (!expired(s, next))
-                s->inflight[s->ninflight++] = next;
+                j->ms[j->n++] = next;
         }
-        s->batch_inflight = s->ninflight > 1;
-        int rc = s->batch_inflight ? start_batch(s) : start_message(s, m);
-        if (rc < 0) {
-            /* Nothing reached the database: safe to say so. */
-            size_t n = s->ninflight;
-            s->ninflight = 0;
-            for (size_t i = 0; i < n; i++)
-                end_fail(s, s->inflight[i], GRPC_STATUS_UNAVAILABLE, "database unavailable; retry");
-            continue;
-        }
+        s->inflight += j->n;
         if (m->hdr.type == PAYMENT_AUTHORIZE)
-            record_batch(s->pool, s->ninflight);
+            record_batch(s->pool, j->n);
+        int rc;
+        if (j->n == 1) {
+            j->kind = JOB_ONE;
+            rc = exec_one(s, j, m);
+            if (rc == 0)
+                rc = send_sync(s, j);
+        } else {
+            j->kind = JOB_BATCH;
+            rc = send_phase_a(s, j);
+        }
+        if (rc < 0)
+            return;
     }
 }
 
@@ -462,58 +939,20 @@ static void answer_authorize_row(lstate_t *s, payment_msg_t *m, PGresult *r, int
 {
     const char *outcome = PQgetvalue(r, row, c0);
     if (strcmp(outcome, "CONFLICT") == 0) {
-        end_fail(s, m, GRPC_STATUS_ALREADY_EXISTS,
-                 "idempotency_key: already used for a different request (payer, payee, "
-                 "amount_cents or currency differ)");
+        end_fail(s, m, GRPC_STATUS_ALREADY_EXISTS, CONFLICT_TEXT);
         return;
     }
-    Payment__V1__AuthorizePaymentResponse resp = PAYMENT__V1__AUTHORIZE_PAYMENT_RESPONSE__INIT;
-    Payment__V1__PaymentError perr = PAYMENT__V1__PAYMENT_ERROR__INIT;
-    resp.payment_id = PQgetvalue(r, row, c0 + 1);
-    resp.status = strcmp(outcome, "DUPLICATE") == 0
-                      ? PAYMENT__V1__PAYMENT_STATUS__PAYMENT_STATUS_DUPLICATE
-                      : status_of(PQgetvalue(r, row, c0 + 2));
-    if (!PQgetisnull(r, row, c0 + 3)) {
-        perr.code = error_code_of(PQgetvalue(r, row, c0 + 3));
-        perr.message = PQgetvalue(r, row, c0 + 4);
-        resp.error = &perr;
-    }
-    resp.processed_at = PQgetvalue(r, row, c0 + 5);
-    end_reply(s, m, &resp.base);
+    answer_authorize_fields(s, m, strcmp(outcome, "DUPLICATE") == 0, PQgetvalue(r, row, c0 + 1),
+                            PQgetvalue(r, row, c0 + 2),
+                            PQgetisnull(r, row, c0 + 3) ? NULL : PQgetvalue(r, row, c0 + 3),
+                            PQgetvalue(r, row, c0 + 4), PQgetvalue(r, row, c0 + 5));
 }
 
-static void answer_authorize(lstate_t *s, payment_msg_t *m, PGresult *r)
-{
-    if (PQntuples(r) != 1 || PQnfields(r) != 6) {
-        LOG_ERROR(MOD, "%s: ledger_authorize returned %d rows of %d columns", s->slot->name,
-                  PQntuples(r), PQnfields(r));
-        end_fail(s, m, GRPC_STATUS_INTERNAL, "server error: unexpected database answer");
-        return;
-    }
-    answer_authorize_row(s, m, r, 0, 0);
-}
-
-/* The batch's rows come in input order (ord 1..n). */
-static void answer_batch(lstate_t *s, payment_msg_t **ms, size_t n, PGresult *r)
-{
-    bool shape = PQntuples(r) == (int)n && PQnfields(r) == 7;
-    for (size_t i = 0; shape && i < n; i++)
-        shape = strtol(PQgetvalue(r, (int)i, 0), NULL, 10) == (long)i + 1;
-    if (!shape) {
-        /* Committed, but the answer cannot be matched to the calls: never guess. */
-        LOG_ERROR(MOD, "%s: ledger_authorize_batch returned %d rows of %d columns for %zu",
-                  s->slot->name, PQntuples(r), PQnfields(r), n);
-        for (size_t i = 0; i < n; i++)
-            end_fail(s, ms[i], GRPC_STATUS_INTERNAL, "server error: unexpected database answer");
-        return;
-    }
-    for (size_t i = 0; i < n; i++)
-        answer_authorize_row(s, ms[i], r, (int)i, 1);
-}
-
-/* A batch failed with an SQL error, so nothing of it was applied: put its messages back
- * at the FIFO head, in order, to be retried in halves (down to one payment, which takes
- * the single-payment path), so one bad payment never fails its neighbours. */
+/* A batch failed with an SQL error, so nothing of it was applied (its transaction rolled
+ * back at its sync): put its messages back at the FIFO head, in order, to be retried in
+ * halves (down to one payment, which takes the single-payment path), so one bad payment
+ * never fails its neighbours. A job started behind it is not affected (its own
+ * transaction); the retried payments then come after that job's. */
 static void requeue_split(lstate_t *s, payment_msg_t **ms, size_t n, const char *why)
 {
     LOG_WARNING(MOD, "%s: a batch of %zu payments failed (%s); retrying it split", s->slot->name, n,
@@ -574,94 +1013,144 @@ static bool transient(const char *sqlstate)
            strncmp(sqlstate, "57", 2) == 0 || strncmp(sqlstate, "08", 2) == 0;
 }
 
-/* An error that may have come after COMMIT (the server going away: connection exception,
- * admin/crash shutdown, or no SQLSTATE at all): the batch's outcome is unknown, so its
- * calls end UNAVAILABLE rather than being re-run (a re-run would answer DUPLICATE). Any
- * other error aborted the statement's transaction: nothing of the batch was applied. */
+/* An error that may come with the server going away (connection exception, admin/crash
+ * shutdown, or no SQLSTATE at all): the connection is about to be lost, and callers are
+ * told the outcome is unknown, as for any loss after the commit was queued. */
 static bool outcome_unknown(const char *sqlstate)
 {
     return sqlstate[0] == '\0' || strncmp(sqlstate, "08", 2) == 0 ||
            strncmp(sqlstate, "57P", 3) == 0;
 }
 
-static void on_result(pgconn_t *c, void *arg, PGresult *res, int err, const char *sqlstate,
-                      const char *why)
+/* One message's statement ended (its sync came back). */
+static void finish_one(lstate_t *s, job_t *j)
 {
-    (void)c;
-    lstate_t *s = arg;
-    if (s->purge_inflight) {
-        s->purge_inflight = false;
-        if (err == 0) {
-            long long n = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+    payment_msg_t *m = j->ms[0];
+    const char *path = payment_method_path((payment_method_t)m->hdr.type);
+    if (j->sql_error || !j->res) {
+        char text[200];
+        if (transient(j->sqlstate)) {
+            snprintf(text, sizeof text, "database temporarily unavailable (SQLSTATE %s); retry",
+                     j->sqlstate);
+            LOG_WARNING(MOD, "%s: %s: %s", s->slot->name, path, j->why);
+            end_fail(s, m, GRPC_STATUS_UNAVAILABLE, text);
+        } else {
+            LOG_ERROR(MOD, "%s: %s: %s", s->slot->name, path, j->why);
+            end_fail(s, m, GRPC_STATUS_INTERNAL, "server error: the database refused the request");
+        }
+        return;
+    }
+    PGresult *r = j->res;
+    switch ((payment_method_t)m->hdr.type) {
+    case PAYMENT_AUTHORIZE:
+        if (PQntuples(r) != 1 || PQnfields(r) != 6) {
+            LOG_ERROR(MOD, "%s: ledger_authorize returned %d rows of %d columns", s->slot->name,
+                      PQntuples(r), PQnfields(r));
+            end_fail(s, m, GRPC_STATUS_INTERNAL, "server error: unexpected database answer");
+            return;
+        }
+        answer_authorize_row(s, m, r, 0, 0);
+        return;
+    case PAYMENT_GET_PAYMENT:
+        answer_get_payment(s, m, r);
+        return;
+    case PAYMENT_GET_BALANCE:
+        answer_get_balance(s, m, r);
+        return;
+    }
+}
+
+/* The oldest job's sync came back: its transaction is over (committed, or rolled back
+ * after an SQL error). */
+static void finish_job(lstate_t *s, job_t *j)
+{
+    switch (j->kind) {
+    case JOB_PREPARE:
+        if (j->sql_error) {
+            LOG_ERROR(MOD, "%s: preparing the ledger's statements failed: %s", s->slot->name,
+                      j->why);
+            job_pop(s);
+            pgconn_reset(s->pg, "the ledger's statements could not be prepared");
+            return;
+        }
+        break;
+    case JOB_PURGE:
+        if (!j->sql_error && j->res) {
+            long long n = PQntuples(j->res) == 1 ? strtoll(PQgetvalue(j->res, 0, 0), NULL, 10) : 0;
             if (n > 0)
                 LOG_INFO(MOD, "purged %lld expired idempotency keys", n);
             s->purge_due = n >= PURGE_BATCH;
         } else {
-            LOG_WARNING(MOD, "purging expired idempotency keys failed: %s", why);
+            LOG_WARNING(MOD, "purging expired idempotency keys failed: %s", j->why);
         }
-        if (res)
-            PQclear(res);
+        break;
+    case JOB_ONE:
+        s->inflight -= j->n;
+        finish_one(s, j);
+        break;
+    case JOB_BATCH:
+        s->inflight -= j->n;
+        if (j->sql_error) {
+            requeue_split(s, j->ms, j->n, j->why);
+            break;
+        }
+        for (size_t i = 0; i < j->n; i++) {
+            breq_t *q = &j->rq[i];
+            if (q->outcome == OUT_CONFLICT)
+                end_fail(s, j->ms[i], GRPC_STATUS_ALREADY_EXISTS, CONFLICT_TEXT);
+            else
+                answer_authorize_fields(s, j->ms[i], q->outcome == OUT_DUPLICATE, q->res_pid,
+                                        q->status, q->code, q->res_msg, q->res_at);
+        }
+        break;
+    }
+    job_pop(s);
+}
+
+static void on_entry(pgconn_t *c, void *arg, void *tag, int step, PGresult *res, int err,
+                     const char *sqlstate, const char *why)
+{
+    (void)c;
+    lstate_t *s = arg;
+    job_t *j = tag;
+    if (err == -EIO && !j->sql_error) {
+        j->sql_error = true;
+        snprintf(j->sqlstate, sizeof j->sqlstate, "%s", sqlstate);
+        snprintf(j->why, sizeof j->why, "%s", why);
+    } else if (err == -ENOTCONN || err == -ETIMEDOUT) {
+        j->lost = true; /* on_down follows and ends the job */
+    }
+    switch (step) {
+    case STEP_STMT:
+        j->res = res;
+        return;
+    case STEP_READK:
+        j->keys = res;
+        return;
+    case STEP_LOCKA:
+        j->accs = res;
+        if (j->lost)
+            return;
+        if (!j->sql_error) {
+            decide(s, j);
+            if (send_phase_b(s, j) < 0)
+                return;
+        }
+        /* After an error the sync only ends (rolls back) the transaction. */
+        if (send_sync(s, j) < 0)
+            return;
         pump(s);
         return;
-    }
-    size_t n = s->ninflight;
-    s->ninflight = 0;
-    if (n == 0) {
-        if (res)
-            PQclear(res);
-        return;
-    }
-    payment_msg_t *m = s->inflight[0];
-    if (s->batch_inflight) {
-        s->batch_inflight = false;
-        if (err == 0) {
-            answer_batch(s, s->inflight, n, res);
-            PQclear(res);
-        } else if (err == -EIO && !outcome_unknown(sqlstate)) {
-            requeue_split(s, s->inflight, n, why);
-        } else {
-            for (size_t i = 0; i < n; i++)
-                end_fail(s, s->inflight[i], GRPC_STATUS_UNAVAILABLE,
-                         "database connection lost before the payment's outcome was known; "
-                         "retry with the same idempotency_key");
-        }
+    case STEP_SYNC:
+        if (j->lost)
+            return;
+        finish_job(s, j);
         pump(s);
         return;
-    }
-    if (err == 0) {
-        switch ((payment_method_t)m->hdr.type) {
-        case PAYMENT_AUTHORIZE:
-            answer_authorize(s, m, res);
-            break;
-        case PAYMENT_GET_PAYMENT:
-            answer_get_payment(s, m, res);
-            break;
-        case PAYMENT_GET_BALANCE:
-            answer_get_balance(s, m, res);
-            break;
-        }
+    default: /* STEP_PREPARE, STEP_LOCKK, STEP_APPLY: only their errors matter */
         PQclear(res);
-    } else if (err == -EIO) {
-        char text[200];
-        if (transient(sqlstate)) {
-            snprintf(text, sizeof text, "database temporarily unavailable (SQLSTATE %s); retry",
-                     sqlstate);
-            LOG_WARNING(MOD, "%s: %s: %s", s->slot->name,
-                        payment_method_path((payment_method_t)m->hdr.type), why);
-            end_fail(s, m, GRPC_STATUS_UNAVAILABLE, text);
-        } else {
-            LOG_ERROR(MOD, "%s: %s: %s", s->slot->name,
-                      payment_method_path((payment_method_t)m->hdr.type), why);
-            end_fail(s, m, GRPC_STATUS_INTERNAL, "server error: the database refused the request");
-        }
-    } else if (m->hdr.type == PAYMENT_AUTHORIZE) {
-        end_fail(s, m, GRPC_STATUS_UNAVAILABLE,
-                 "database connection lost before the payment's outcome was known; retry with "
-                 "the same idempotency_key");
-    } else {
-        end_fail(s, m, GRPC_STATUS_UNAVAILABLE, "database connection lost; retry");
+        return;
     }
-    pump(s);
 }
 
 static void on_up(pgconn_t *c, void *arg)
@@ -669,19 +1158,39 @@ static void on_up(pgconn_t *c, void *arg)
     (void)c;
     lstate_t *s = arg;
     atomic_store_explicit(&s->slot->up, true, memory_order_relaxed);
+    s->prepared = false;
     if (s->slot->maintenance) /* purge at once after (re)connecting, then periodically */
         actor_timer_arm(s->purge_timer, 1, 0);
     pump(s);
 }
 
+/* The connection is gone: every job in flight ends UNAVAILABLE (an authorization whose
+ * commit was already queued has an unknown outcome, and says so), then every queued
+ * message. */
 static void on_down(pgconn_t *c, void *arg, const char *why)
 {
     (void)c;
     lstate_t *s = arg;
     atomic_store_explicit(&s->slot->up, false, memory_order_relaxed);
-    s->purge_inflight = false;
+    s->prepared = false;
     char text[400];
     snprintf(text, sizeof text, "database unavailable: %s; retry", why);
+    while (s->njobs > 0) {
+        job_t *j = job_at(s, 0);
+        if (j->kind == JOB_ONE || j->kind == JOB_BATCH) {
+            for (size_t i = 0; i < j->n; i++) {
+                payment_msg_t *m = j->ms[i];
+                bool unknown = m->hdr.type == PAYMENT_AUTHORIZE && j->sync_sent &&
+                               (!j->sql_error || outcome_unknown(j->sqlstate));
+                end_fail(s, m, GRPC_STATUS_UNAVAILABLE,
+                         unknown ? "database connection lost before the payment's outcome was "
+                                   "known; retry with the same idempotency_key"
+                                 : text);
+            }
+            s->inflight -= j->n;
+        }
+        job_pop(s);
+    }
     fail_queued(s, text);
 }
 
@@ -716,12 +1225,30 @@ static int ledger_start(actor_t *a, void *arg, void **state)
     s->slot = slot;
     s->pool = pool;
     s->a = a;
-    s->cap = pool->cfg.mailbox_capacity + pool->cfg.batch_max;
+    size_t bm = pool->cfg.batch_max;
+    s->cap = pool->cfg.mailbox_capacity + bm;
     s->fifo = calloc(s->cap, sizeof(*s->fifo));
-    s->inflight = calloc(pool->cfg.batch_max, sizeof(*s->inflight));
     int rc = -ENOMEM;
-    if (!s->fifo || !s->inflight)
+    if (!s->fifo)
         goto fail;
+    size_t slots = 16;
+    while (slots < 4 * bm)
+        slots *= 2;
+    for (unsigned k = 0; k < MAX_JOBS; k++) {
+        job_t *j = &s->jobs[k];
+        j->smask = slots - 1;
+        j->ms = calloc(bm, sizeof(*j->ms));
+        j->rq = calloc(bm, sizeof(*j->rq));
+        j->kptr = calloc(bm, sizeof(*j->kptr));
+        j->aptr = calloc(2 * bm, sizeof(*j->aptr));
+        j->abal = calloc(2 * bm, sizeof(*j->abal));
+        j->aupd = calloc(2 * bm, sizeof(*j->aupd));
+        j->kslot = calloc(slots, sizeof(*j->kslot));
+        j->aslot = calloc(slots, sizeof(*j->aslot));
+        if (!j->ms || !j->rq || !j->kptr || !j->aptr || !j->abal || !j->aupd || !j->kslot ||
+            !j->aslot)
+            goto fail;
+    }
     if (slot->maintenance) {
         if ((rc = actor_timer_new(&s->purge_timer, a, on_purge_timer, NULL)) < 0)
             goto fail;
@@ -733,7 +1260,7 @@ static int ledger_start(actor_t *a, void *arg, void **state)
         .backoff_base_ns = pool->cfg.backoff_base_ns,
         .backoff_cap_ns = pool->cfg.backoff_cap_ns,
     };
-    pgconn_callbacks_t cb = {.on_up = on_up, .on_down = on_down, .on_result = on_result};
+    pgconn_callbacks_t cb = {.on_up = on_up, .on_down = on_down, .on_entry = on_entry};
     if (pool->conninfo[0] == '\0') {
         /* No database configured (ledger_actor_add without one): every call ends
          * UNAVAILABLE; never fall back to libpq's defaults (a system PostgreSQL). */
@@ -760,9 +1287,21 @@ static void ledger_stop(actor_t *a, void *state)
     pgconn_destroy(s->pg);
     if (s->purge_timer)
         actor_timer_free(s->purge_timer);
-    /* Queued messages are still on the taken-work list: the runtime fails them. */
+    /* Queued messages and those of the jobs are still on the taken-work list: the runtime
+     * fails them. */
+    for (unsigned k = 0; k < MAX_JOBS; k++) {
+        job_t *j = &s->jobs[k];
+        job_clear(j);
+        free(j->ms);
+        free(j->rq);
+        free(j->kptr);
+        free(j->aptr);
+        free(j->abal);
+        free(j->aupd);
+        free(j->kslot);
+        free(j->aslot);
+    }
     free(s->fifo);
-    free(s->inflight);
     free(s);
 }
 
@@ -770,7 +1309,7 @@ static bool ledger_idle(actor_t *a, void *state)
 {
     (void)a;
     lstate_t *s = state;
-    return !s || (s->len == 0 && s->ninflight == 0);
+    return !s || (s->len == 0 && s->njobs == 0);
 }
 
 static int ledger_handle(actor_t *a, void *state, msg_t **msgs, size_t n)
@@ -791,7 +1330,7 @@ static int ledger_handle(actor_t *a, void *state, msg_t **msgs, size_t n)
             end_fail(s, m, GRPC_STATUS_UNAVAILABLE, "database not ready (schema); retry");
         else if (!pgconn_up(s->pg))
             end_fail(s, m, GRPC_STATUS_UNAVAILABLE, "database unavailable; retry");
-        else if (s->len + s->ninflight >= s->pool->cfg.mailbox_capacity)
+        else if (s->len + s->inflight >= s->pool->cfg.mailbox_capacity)
             end_fail(s, m, GRPC_STATUS_UNAVAILABLE,
                      "server overloaded: request queue full; retry later");
         else {

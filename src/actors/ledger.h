@@ -12,17 +12,17 @@
  *   With DB_POOL_SIZE = 1 the one actor does both; otherwise max(1, size/4) readers and the
  *   rest writers (a read is one index probe, a payment a transaction with a commit flush).
  *   Writer 0 also does the maintenance: purging expired idempotency keys.
- * Batches: a writer keeps the messages it took in a local FIFO, one statement in flight.
- * When it is free, the AuthorizePayment requests queued at the head (whatever is there
- * now, up to batch_max = LEDGER_BATCH_MAX; a lone request goes alone) are applied in ONE
- * transaction: one statement in autocommit, `SELECT * FROM ledger_authorize_batch(...)`
- * (db/migrations/003_ledger_authorize_batch.sql: keys locked sorted, then accounts sorted,
- * balances in memory, multi-row inserts, one commit flush), in arrival order, each request
- * getting the outcome it would get alone. A single request uses ledger_authorize() (002).
- * A batch that fails with an SQL error was not applied at all: it is retried in halves,
- * down to single payments. The reply is sent only after COMMIT; a connection lost
- * meanwhile (outcome unknown) ends every call of the statement UNAVAILABLE and the
- * client's retry with the same key resolves it.
+ * Batches: a writer keeps the messages it took in a local FIFO. When its connection can
+ * take a job, the AuthorizePayment requests queued at the head (whatever is there now, up
+ * to batch_max = LEDGER_BATCH_MAX; a lone request goes alone, through ledger_authorize()
+ * of db/migrations/002) are applied in ONE transaction over a libpq pipeline: keys locked
+ * sorted, then accounts sorted, decided in C in arrival order with the balances in memory,
+ * one multi-row write, one commit; each request gets the outcome it would get alone. The
+ * next batch's first statements are pipelined behind that commit. A batch that fails with
+ * an SQL error was not applied at all: it is retried in halves, down to single payments.
+ * The reply is sent only after the commit; a connection lost meanwhile (outcome unknown)
+ * ends every call of the batch UNAVAILABLE and the client's retry with the same key
+ * resolves it.
  *
  * While an actor's connection is down, or before the schema is ready
  * (ledger_pool_set_schema_ready), its calls end UNAVAILABLE at once. A lost connection is

@@ -7,9 +7,12 @@
  * for a multi-host URL, so the watch follows PQsocket) → UP. While UP the socket is always
  * watched for input, so a server that goes away is noticed at once even when idle (and
  * health can follow it); output is watched only while PQflush has data pending.
- * One timer serves the retry delay, the connect timeout and the statement timeout: at most
- * one of them is meaningful in each state. Losses found inside pgconn_query are handled
+ * One timer serves the retry delay, the connect timeout and the progress timeout: at most
+ * one of them is meaningful in each state. Losses found inside a queueing call are handled
  * from a zero-delay timer so no callback runs from inside a call of the owner.
+ * Pending entries live in a ring in the order they were queued, which is the order libpq
+ * returns their results: a statement's results end with a NULL from PQgetResult (its last
+ * result is the one reported), a sync is one PGRES_PIPELINE_SYNC.
  */
 #include "io/pgconn.h"
 
@@ -43,9 +46,16 @@ struct pgconn {
     actor_timer_t *defer; /* deferred loss handling */
     char defer_why[256];
     uint64_t next_delay_ns;
-    unsigned failures; /* consecutive failed attempts (for logging once) */
-    bool busy;         /* a statement is running */
-    PGresult *last;    /* the running statement's last result */
+    unsigned failures;   /* consecutive failed attempts (for logging once) */
+    uint64_t timeout_ns; /* progress timeout of the last push; 0 = none */
+    /* pending entries: a ring of ent_cap (a power of two) */
+    struct entry {
+        void *tag;
+        int step;
+        bool sync;
+    } * ent;
+    size_t ent_cap, ent_head, ent_len;
+    PGresult *last; /* the head statement's last result so far */
 };
 
 static int on_fd(actor_t *a, void *state, int fd, uint32_t events, void *arg);
@@ -103,13 +113,11 @@ static void close_pg(pgconn_t *c)
     }
 }
 
-/* The connection failed or was lost: end a running statement, tell the owner, retry later. */
+/* The connection failed or was lost: end every pending entry, tell the owner, retry later. */
 static void go_down(pgconn_t *c, int err, const char *why)
 {
-    bool was_busy = c->busy;
     bool was_up = c->state == ST_UP;
     close_pg(c);
-    c->busy = false;
     c->state = ST_DOWN;
     uint64_t delay = c->next_delay_ns;
     c->next_delay_ns = delay * 2 > c->backoff_cap_ns ? c->backoff_cap_ns : delay * 2;
@@ -118,8 +126,12 @@ static void go_down(pgconn_t *c, int err, const char *why)
         LOG_WARNING(MOD, "PostgreSQL %s: %s; retrying in %.0f ms",
                     was_up ? "connection lost" : "unreachable", why, delay / 1e6);
     c->failures++;
-    if (was_busy && c->cb.on_result)
-        c->cb.on_result(c, c->arg, NULL, err, "", why);
+    while (c->ent_len > 0) {
+        struct entry e = c->ent[c->ent_head];
+        c->ent_head = (c->ent_head + 1) & (c->ent_cap - 1);
+        c->ent_len--;
+        c->cb.on_entry(c, c->arg, e.tag, e.step, NULL, err, "", why);
+    }
     if (c->cb.on_down)
         c->cb.on_down(c, c->arg, why);
 }
@@ -133,9 +145,11 @@ static void lost(pgconn_t *c)
 
 static void became_up(pgconn_t *c)
 {
-    PQsetnonblocking(c->pg, 1);
+    if (PQsetnonblocking(c->pg, 1) != 0 || !PQenterPipelineMode(c->pg)) {
+        lost(c);
+        return;
+    }
     c->state = ST_UP;
-    c->busy = false;
     c->next_delay_ns = c->backoff_base_ns;
     actor_timer_arm(c->timer, 0, 0);
     if (c->failures > 0)
@@ -193,42 +207,31 @@ static void start_connect(pgconn_t *c)
         lost(c);
 }
 
-/* Reads what arrived; when the running statement has all its results, reports them. */
-static void read_input(pgconn_t *c)
+/* Ends the head entry. */
+static void pop_entry(pgconn_t *c, PGresult *r, int err, const char *sqlstate, const char *why)
 {
-    if (!PQconsumeInput(c->pg)) {
-        lost(c);
-        return;
-    }
-    PGnotify *n;
-    while ((n = PQnotifies(c->pg)) != NULL)
-        PQfreemem(n);
-    while (!PQisBusy(c->pg)) {
-        PGresult *r = PQgetResult(c->pg);
-        if (!r)
-            break;
-        if (c->last)
-            PQclear(c->last);
-        c->last = r;
-        if (!c->busy) { /* nothing asked: stray result (should not happen) */
-            PQclear(c->last);
-            c->last = NULL;
-        }
-    }
-    if (PQstatus(c->pg) == CONNECTION_BAD) {
-        lost(c);
-        return;
-    }
-    if (!c->busy || PQisBusy(c->pg))
-        return;
-    /* PQgetResult returned NULL with the input complete: the statement is over. */
+    struct entry e = c->ent[c->ent_head];
+    c->ent_head = (c->ent_head + 1) & (c->ent_cap - 1);
+    c->ent_len--;
+    /* progress: the timeout counts again from here, or stops when nothing is pending */
+    actor_timer_arm(c->timer, c->ent_len > 0 ? c->timeout_ns : 0, 0);
+    c->cb.on_entry(c, c->arg, e.tag, e.step, r, err, sqlstate, why);
+}
+
+/* The head statement's results are complete: report its last one. */
+static void end_statement(pgconn_t *c)
+{
     PGresult *r = c->last;
     c->last = NULL;
-    c->busy = false;
-    actor_timer_arm(c->timer, 0, 0);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
-        c->cb.on_result(c, c->arg, r, 0, "", "");
+        pop_entry(c, r, 0, "", "");
+        return;
+    }
+    if (st == PGRES_PIPELINE_ABORTED) {
+        PQclear(r);
+        pop_entry(c, NULL, -ECANCELED, "",
+                  "not run: an earlier statement of its transaction failed");
         return;
     }
     char why[700];
@@ -239,11 +242,52 @@ static void read_input(pgconn_t *c)
     if (r)
         PQclear(r);
     if (err == -ENOTCONN) {
-        c->busy = true; /* so go_down reports it as the statement's end */
         go_down(c, -ENOTCONN, why);
         return;
     }
-    c->cb.on_result(c, c->arg, NULL, -EIO, sqlstate, why);
+    pop_entry(c, NULL, -EIO, sqlstate, why);
+}
+
+/* Reads what arrived and ends every entry whose results are complete. */
+static void read_input(pgconn_t *c)
+{
+    if (!PQconsumeInput(c->pg)) {
+        lost(c);
+        return;
+    }
+    PGnotify *n;
+    while ((n = PQnotifies(c->pg)) != NULL)
+        PQfreemem(n);
+    while (c->state == ST_UP && c->pg && !PQisBusy(c->pg)) {
+        PGresult *r = PQgetResult(c->pg);
+        if (!r) {
+            /* the end of the head statement's results, or nothing more for now */
+            if (c->ent_len > 0 && !c->ent[c->ent_head].sync && c->last) {
+                end_statement(c);
+                continue;
+            }
+            break;
+        }
+        if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+            PQclear(r);
+            if (c->ent_len == 0 || !c->ent[c->ent_head].sync) {
+                go_down(c, -ENOTCONN, "PostgreSQL pipeline out of step (unexpected sync)");
+                return;
+            }
+            pop_entry(c, NULL, 0, "", "");
+            continue;
+        }
+        if (c->ent_len == 0 || c->ent[c->ent_head].sync) {
+            PQclear(r);
+            go_down(c, -ENOTCONN, "PostgreSQL pipeline out of step (unexpected result)");
+            return;
+        }
+        if (c->last)
+            PQclear(c->last);
+        c->last = r;
+    }
+    if (c->state == ST_UP && (!c->pg || PQstatus(c->pg) == CONNECTION_BAD))
+        lost(c);
 }
 
 static int on_fd(actor_t *a, void *state, int fd, uint32_t events, void *arg)
@@ -291,9 +335,9 @@ static int on_timer(actor_t *a, void *state, actor_timer_t *t, void *arg)
         break;
     }
     case ST_UP:
-        if (c->busy) {
-            /* The statement's outcome is unknown; a fresh connection is the only way to
-             * stop waiting for it (the server aborts it when it sees the socket close). */
+        if (c->ent_len > 0) {
+            /* The entries' outcome is unknown; a fresh connection is the only way to stop
+             * waiting for them (the server aborts its work when it sees the socket close). */
             go_down(c, -ETIMEDOUT, "no answer from PostgreSQL within the statement timeout");
         }
         break;
@@ -307,7 +351,7 @@ static int on_defer(actor_t *a, void *state, actor_timer_t *t, void *arg)
     (void)state;
     (void)t;
     pgconn_t *c = arg;
-    if (c->state == ST_UP && (!c->pg || PQstatus(c->pg) == CONNECTION_BAD))
+    if (c->state == ST_UP) /* armed only when libpq refused to queue or send */
         go_down(c, -ENOTCONN, c->defer_why);
     return 0;
 }
@@ -316,7 +360,7 @@ int pgconn_create(pgconn_t **out, actor_t *a, const pgconn_config_t *cfg,
                   const pgconn_callbacks_t *cb, void *arg)
 {
     *out = NULL;
-    if (!cfg || !cfg->conninfo || !cb || !cb->on_result)
+    if (!cfg || !cfg->conninfo || !cb || !cb->on_entry)
         return -EINVAL;
     pgconn_t *c = calloc(1, sizeof(*c));
     if (!c)
@@ -331,8 +375,10 @@ int pgconn_create(pgconn_t **out, actor_t *a, const pgconn_config_t *cfg,
     c->backoff_base_ns = cfg->backoff_base_ns ? cfg->backoff_base_ns : 100000000ull;
     c->backoff_cap_ns = cfg->backoff_cap_ns ? cfg->backoff_cap_ns : 2000000000ull;
     c->next_delay_ns = c->backoff_base_ns;
+    c->ent_cap = 64;
+    c->ent = calloc(c->ent_cap, sizeof(*c->ent));
     int rc = -ENOMEM;
-    if (!c->conninfo || !c->appname)
+    if (!c->conninfo || !c->appname || !c->ent)
         goto fail;
     if ((rc = actor_timer_new(&c->timer, a, on_timer, c)) < 0)
         goto fail;
@@ -347,6 +393,7 @@ fail:
         actor_timer_free(c->timer);
     free(c->conninfo);
     free(c->appname);
+    free(c->ent);
     free(c);
     return rc;
 }
@@ -360,12 +407,8 @@ void pgconn_destroy(pgconn_t *c)
     actor_timer_free(c->defer);
     free(c->conninfo);
     free(c->appname);
+    free(c->ent);
     free(c);
-}
-
-bool pgconn_idle(const pgconn_t *c)
-{
-    return c && c->state == ST_UP && !c->busy;
 }
 
 bool pgconn_up(const pgconn_t *c)
@@ -373,41 +416,88 @@ bool pgconn_up(const pgconn_t *c)
     return c && c->state == ST_UP;
 }
 
-int pgconn_query(pgconn_t *c, const char *sql, int nparams, const char *const *params,
-                 uint64_t timeout_ns)
+size_t pgconn_pending(const pgconn_t *c)
 {
-    if (c->state != ST_UP)
-        return -ENOTCONN;
-    if (c->busy)
-        return -EBUSY;
-    if (!PQsendQueryParams(c->pg, sql, nparams, NULL, params, NULL, NULL, 0)) {
-        /* Nothing reached the server in a usable form; if the connection is the cause,
-         * handle its loss from the loop, not from inside the owner's call. */
-        one_line(c->defer_why, sizeof c->defer_why, PQerrorMessage(c->pg));
-        if (PQstatus(c->pg) == CONNECTION_BAD)
-            actor_timer_arm(c->defer, 1, 0);
-        return -ENOTCONN;
+    return c ? c->ent_len : 0;
+}
+
+/* libpq refused to queue or send: only a broken connection does that. Handle the loss from
+ * the loop, not from inside the owner's call. */
+static int refused(pgconn_t *c)
+{
+    one_line(c->defer_why, sizeof c->defer_why, PQerrorMessage(c->pg));
+    if (!c->defer_why[0])
+        snprintf(c->defer_why, sizeof c->defer_why, "libpq refused to queue a statement");
+    actor_timer_arm(c->defer, 1, 0);
+    return -ENOTCONN;
+}
+
+/* Room for one more entry; allocation failure is fatal (as everywhere in the runtime). */
+static void add_entry(pgconn_t *c, void *tag, int step, bool sync)
+{
+    if (c->ent_len == c->ent_cap) {
+        size_t cap = c->ent_cap * 2;
+        struct entry *e = malloc(cap * sizeof(*e));
+        if (!e)
+            abort();
+        for (size_t i = 0; i < c->ent_len; i++)
+            e[i] = c->ent[(c->ent_head + i) & (c->ent_cap - 1)];
+        free(c->ent);
+        c->ent = e;
+        c->ent_cap = cap;
+        c->ent_head = 0;
     }
-    c->busy = true;
+    c->ent[(c->ent_head + c->ent_len) & (c->ent_cap - 1)] = (struct entry){tag, step, sync};
+    c->ent_len++;
+}
+
+int pgconn_prepare(pgconn_t *c, const char *name, const char *sql, void *tag, int step)
+{
+    if (c->state != ST_UP || !c->pg)
+        return -ENOTCONN;
+    if (!PQsendPrepare(c->pg, name, sql, 0, NULL))
+        return refused(c);
+    add_entry(c, tag, step, false);
+    return 0;
+}
+
+int pgconn_exec(pgconn_t *c, const char *name, int nparams, const char *const *params, void *tag,
+                int step)
+{
+    if (c->state != ST_UP || !c->pg)
+        return -ENOTCONN;
+    if (!PQsendQueryPrepared(c->pg, name, nparams, params, NULL, NULL, 0))
+        return refused(c);
+    add_entry(c, tag, step, false);
+    return 0;
+}
+
+int pgconn_sync(pgconn_t *c, void *tag, int step)
+{
+    if (c->state != ST_UP || !c->pg)
+        return -ENOTCONN;
+    if (!PQpipelineSync(c->pg))
+        return refused(c);
+    add_entry(c, tag, step, true);
+    return 0;
+}
+
+int pgconn_push(pgconn_t *c, bool flush, uint64_t timeout_ns)
+{
+    if (c->state != ST_UP || !c->pg)
+        return -ENOTCONN;
+    if (flush && !PQsendFlushRequest(c->pg))
+        return refused(c);
     int f = PQflush(c->pg);
-    if (f < 0) {
-        one_line(c->defer_why, sizeof c->defer_why, PQerrorMessage(c->pg));
-        /* The statement may have reached the server: its end is reported as a loss. */
-        actor_timer_arm(c->defer, 1, 0);
-        unwatch(c);
-        PQfinish(c->pg);
-        c->pg = NULL;
-        return 0;
-    }
+    if (f < 0)
+        return refused(c);
     if (watch(c, f == 1 ? EPOLLIN | EPOLLOUT : EPOLLIN) < 0) {
         snprintf(c->defer_why, sizeof c->defer_why, "cannot watch the PostgreSQL socket");
         actor_timer_arm(c->defer, 1, 0);
-        unwatch(c);
-        PQfinish(c->pg);
-        c->pg = NULL;
-        return 0;
+        return -ENOTCONN;
     }
-    if (timeout_ns)
+    c->timeout_ns = timeout_ns;
+    if (c->ent_len > 0)
         actor_timer_arm(c->timer, timeout_ns, 0);
     return 0;
 }

@@ -5,13 +5,13 @@
  * The stack, fixture and call helpers are ledger_fixture.c's, shared with test_ledger.c
  * (whose tests run unchanged with batching on); here every paymentd gets LEDGER_BATCH_MAX=256.
  *
- * Covered: ledger_authorize_batch() called directly with one deterministic batch mixing
- * every outcome (valid payments, an overdraft after earlier debits, a key repeated with
+ * Covered, each forced into ONE batch through the server (the writer is held on a row lock
+ * while the requests queue) and proved by the batch-size histogram paymentd logs at
+ * shutdown: a batch mixing every outcome (valid payments, an overdraft, a key repeated with
  * the same fingerprint -> DUPLICATE of the first, with another -> CONFLICT, an unknown
- * account, a currency mismatch, an invalid amount, the same account) and a second batch
- * replaying stored keys; the same mix through the server, forced into ONE batch (the
- * writer is held on a row lock while the requests queue) and proved by the batch-size
- * histogram paymentd logs at shutdown; batches larger than one under concurrent load; two
+ * account, a currency mismatch); a batch with stored keys (replayed, expired -> new,
+ * a stored decline replayed), three payments drawing on one balance, the same account;
+ * a batch with a failing payment, retried split; batches larger than one under concurrent load; two
  * instances batching (ledger check passes, money conserved); PostgreSQL's postmaster
  * killed mid-batch (nothing half-applied, nothing acknowledged lost).
  */
@@ -86,143 +86,7 @@ static void stop_and_read_batches(pd_proc_t *pd, batches_t *b)
     }
 }
 
-/* ---- ledger_authorize_batch() directly: every outcome in one batch, in order ------------ */
-
-#define BATCH_SQL                                                                                  \
-    "SELECT ord, outcome, payment_id, status, coalesce(error_code, '-'),"                          \
-    " coalesce(error_message, '-'), processed_at FROM ledger_authorize_batch($1::text[],"          \
-    " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[],"       \
-    " $9::text[], $10::text[], $11::timestamptz[], '24 hours', 1000000)"
-
-typedef struct row_want {
-    const char *outcome, *payment_id, *status, *code, *message;
-} row_want_t;
-
-static void run_batch(fixture_t *f, const char *const params[11], const row_want_t *want, int n)
-{
-    PGresult *r = NULL;
-    char err[768];
-    if (pg_exec(f->db, &r, BATCH_SQL, 11, params, err, sizeof err) != 0)
-        fail_msg("ledger_authorize_batch: %s", err);
-    assert_int_equal(PQntuples(r), n);
-    for (int i = 0; i < n; i++) {
-        char ord[16];
-        snprintf(ord, sizeof ord, "%d", i + 1);
-        assert_string_equal(PQgetvalue(r, i, 0), ord);
-        assert_string_equal(PQgetvalue(r, i, 1), want[i].outcome);
-        assert_string_equal(PQgetvalue(r, i, 2), want[i].payment_id);
-        assert_string_equal(PQgetvalue(r, i, 3), want[i].status);
-        assert_string_equal(PQgetvalue(r, i, 4), want[i].code);
-        assert_string_equal(PQgetvalue(r, i, 5), want[i].message);
-        assert_string_equal(PQgetvalue(r, i, 6), "2030-01-02T03:04:05.000006+00:00");
-    }
-    PQclear(r);
-}
-
-#define P(n) "01J0000000000000000000000" #n
-#define E(n) "01J1000000000000000000000" #n
-/* 64 hex digits: c repeated (a fingerprint) */
-#define FP16(c) c c c c c c c c c c c c c c c c
-#define FP(c)   FP16(c) FP16(c) FP16(c) FP16(c)
-#define TS      "2030-01-02T03:04:05.000006+00:00"
-#define TS10    "{" TS "," TS "," TS "," TS "," TS "," TS "," TS "," TS "," TS "," TS "}"
-
-static void test_batch_function_outcomes(void **state)
-{
-    fixture_t *f = *state;
-    open_account(f, "dave", "USD", 1000);
-    /* In arrival order: dave pays 600 twice (the second overdraws what the first left),
-     * k-dup twice with one fingerprint and k-dup a third time with another, an unknown
-     * payee, a currency mismatch, an invalid amount, the same account, and a valid one. */
-    const char *params[11] = {
-        "{global,global,global,global,global,global,global,global,global,global}",
-        "{k-a,k-b,k-dup,k-dup,k-dup,k-nf,k-cur,k-amt,k-same,k-ok}",
-        "{" FP("1") "," FP("2") "," FP("3") "," FP("3") "," FP("4") "," FP("5") "," FP("6") "," FP(
-            "7") "," FP("8") "," FP("9") "}",
-        "{" P(0) "," P(1) "," P(2) "," P(3) "," P(4) "," P(5) "," P(6) "," P(7) "," P(8) "," P(
-            9) "}",
-        "{" E(0) "," E(1) "," E(2) "," E(3) "," E(4) "," E(5) "," E(6) "," E(7) "," E(8) "," E(
-            9) "}",
-        "{dave,dave,alice,alice,alice,alice,alice,alice,bob,bob}",
-        "{carol,carol,bob,bob,bob,ghost,erin-eur,bob,bob,dave}",
-        "{600,600,250,250,251,10,10,0,5,70}",
-        "{USD,USD,USD,USD,USD,USD,USD,USD,USD,USD}",
-        "{d0,d1,d2,d3,d4,d5,d6,d7,d8,\"a \\\"quoted\\\", {braced} one\"}",
-        TS10,
-    };
-    const row_want_t want[10] = {
-        {"NEW", P(0), "AUTHORIZED", "-", "-"},
-        {"NEW", P(1), "DECLINED", "INSUFFICIENT_FUNDS", "insufficient funds in payer account dave"},
-        {"NEW", P(2), "AUTHORIZED", "-", "-"},
-        {"DUPLICATE", P(2), "AUTHORIZED", "-", "-"},
-        {"CONFLICT", P(2), "AUTHORIZED", "-", "-"},
-        {"NEW", P(5), "DECLINED", "ACCOUNT_NOT_FOUND", "payee account ghost not found"},
-        {"NEW", P(6), "DECLINED", "CURRENCY_MISMATCH",
-         "currency USD does not match payee account erin-eur (EUR)"},
-        {"NEW", P(7), "DECLINED", "INVALID_AMOUNT",
-         "amount_cents must be between 1 and 1000000, got 0"},
-        {"NEW", P(8), "DECLINED", "SAME_ACCOUNT", "payer and payee are the same account bob"},
-        {"NEW", P(9), "AUTHORIZED", "-", "-"},
-    };
-    run_batch(f, params, want, 10);
-    assert_int_equal(scalar_i64(f->db, "SELECT balance_cents FROM accounts WHERE id = 'dave'"),
-                     1000 - 600 + 70);
-    assert_int_equal(scalar_i64(f->db, "SELECT balance_cents FROM accounts WHERE id = 'alice'"),
-                     100000 - 250);
-    assert_int_equal(scalar_i64(f->db, "SELECT balance_cents FROM accounts WHERE id = 'bob'"),
-                     50000 + 250 - 70);
-    assert_int_equal(scalar_i64(f->db, "SELECT balance_cents FROM accounts WHERE id = 'carol'"),
-                     600);
-    /* 8 payments (the replays write nothing), 3 authorized with 2 entries each, one key and
-     * one event per payment; entries in the order applied. */
-    assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM payments WHERE id LIKE '01J0%'"), 8);
-    assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM ledger_entries WHERE payment_id"
-                                       " LIKE '01J0%'"),
-                     6);
-    assert_string_equal(scalar(f->db, "SELECT string_agg(payment_id || ':' || entry_type || ':' ||"
-                                      " balance_after_cents, ',' ORDER BY id) FROM ledger_entries"
-                                      " WHERE payment_id LIKE '01J0%%'"),
-                        P(0) ":DEBIT:400," P(0) ":CREDIT:600," P(2) ":DEBIT:99750," P(
-                            2) ":CREDIT:50250," P(9) ":DEBIT:50180," P(9) ":CREDIT:470");
-    assert_int_equal(
-        scalar_i64(f->db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'k-%'"), 8);
-    assert_int_equal(
-        scalar_i64(f->db, "SELECT count(*) FROM outbox WHERE aggregate_id LIKE '01J0%'"), 8);
-    assert_string_equal(scalar(f->db, "SELECT description FROM payments WHERE id = '" P(9) "'"),
-                        "a \"quoted\", {braced} one");
-    assert_string_equal(scalar(f->db, "SELECT encode(fingerprint, 'hex') FROM idempotency_keys"
-                                      " WHERE key = 'k-dup'"),
-                        FP("3"));
-
-    /* A second batch: stored keys replay (same fingerprint DUPLICATE, other CONFLICT), a
-     * declined key replays its decline, a new key executes. */
-    const char *again[11] = {
-        "{global,global,global,global}",
-        "{k-dup,k-a,k-nf,k-new}",
-        "{" FP("4") "," FP("1") "," FP("5") "," FP("a") "}",
-        "{" P(A) "," P(B) "," P(C) "," P(D) "}",
-        "{" E(A) "," E(B) "," E(C) "," E(D) "}",
-        "{alice,dave,alice,carol}",
-        "{bob,carol,ghost,dave}",
-        "{251,600,10,600}",
-        "{USD,USD,USD,USD}",
-        "{x,x,x,x}",
-        "{" TS "," TS "," TS "," TS "}",
-    };
-    const row_want_t want2[4] = {
-        {"CONFLICT", P(2), "AUTHORIZED", "-", "-"},
-        {"DUPLICATE", P(0), "AUTHORIZED", "-", "-"},
-        {"DUPLICATE", P(5), "DECLINED", "ACCOUNT_NOT_FOUND", "payee account ghost not found"},
-        {"NEW", P(D), "AUTHORIZED", "-", "-"},
-    };
-    run_batch(f, again, want2, 4);
-    assert_int_equal(scalar_i64(f->db, "SELECT balance_cents FROM accounts WHERE id = 'dave'"),
-                     1000 - 600 + 70 + 600);
-    assert_int_equal(scalar_i64(f->db, "SELECT balance_cents FROM accounts WHERE id = 'carol'"), 0);
-    ledger_check_passes(f);
-}
-
-/* ---- one batch through the server --------------------------------------------------------- */
+/* ---- batches held together behind a lock ---------------------------------------------- */
 
 typedef struct staggered {
     worker_t w;
@@ -236,31 +100,65 @@ static void *staggered_call(void *arg)
     return one_call(&s->w);
 }
 
-/* The only writer is held on a row lock (a payment of "hold" waits for the test's
- * transaction); nine requests mixing every outcome queue behind it meanwhile, so they
- * go as one batch when the lock is released: each gets its own outcome, and the
- * histogram shows that batch of nine. */
+static int64_t lock_waiters(fixture_t *f)
+{
+    return scalar_i64(f->db,
+                      "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'");
+}
+
+/* Sends ws[0..n) as ONE batch of the only writer: a payment of account "hold" (opened by
+ * the caller with at least 2 cents) waits on the test's row lock, a second one is
+ * pipelined behind it (a writer keeps at most two transactions in flight), the n requests
+ * arrive 20 ms apart and queue meanwhile; then the lock is released. Both holders end
+ * AUTHORIZED (1 cent each to carol, keys "<tag>-hold" and "<tag>-hold2"). */
+static void run_held_batch(fixture_t *f, const char *tag, staggered_t *ws, int n)
+{
+    PGconn *locker = connect_url(f->url);
+    exec_sql(locker, "BEGIN");
+    exec_sql(locker, "SELECT id FROM accounts WHERE id = 'hold' FOR UPDATE");
+    char k1[64], k2[64];
+    snprintf(k1, sizeof k1, "%s-hold", tag);
+    snprintf(k2, sizeof k2, "%s-hold2", tag);
+    staggered_t hold[2] = {
+        {.w = {.target = f->pd.target,
+               .a = {.key = k1, .payer = "hold", .payee = "carol", .amount = 1}}},
+        {.w = {.target = f->pd.target,
+               .a = {.key = k2, .payer = "hold", .payee = "carol", .amount = 1}}},
+    };
+    pthread_t ht[2], th[64];
+    assert_true(n <= 64);
+    assert_int_equal(pthread_create(&ht[0], NULL, staggered_call, &hold[0]), 0);
+    for (int i = 0; i < 100 && lock_waiters(f) == 0; i++)
+        usleep(50000);
+    assert_int_equal(lock_waiters(f), 1);
+    assert_int_equal(pthread_create(&ht[1], NULL, staggered_call, &hold[1]), 0);
+    usleep(300000); /* in flight behind the first before the batch arrives */
+    for (int i = 0; i < n; i++) {
+        ws[i].w.target = f->pd.target;
+        ws[i].delay_ms = 20 * i;
+        assert_int_equal(pthread_create(&th[i], NULL, staggered_call, &ws[i]), 0);
+    }
+    usleep(300000 + 20000 * (useconds_t)n); /* all queued in the writer */
+    exec_sql(locker, "COMMIT");
+    PQfinish(locker);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(ht[i], NULL);
+        expect_ok(&hold[i].w.o, ST_AUTHORIZED, 0);
+    }
+    for (int i = 0; i < n; i++)
+        pthread_join(th[i], NULL);
+}
+
+/* Every outcome inside ONE batch, decided in arrival order with the balances in memory:
+ * valid payments, an overdraft of what earlier payments of the batch left, a key repeated
+ * with the same fingerprint (one executes, the other replays it) and with another
+ * (ALREADY_EXISTS), an unknown account, a currency mismatch, the histogram shows the
+ * batch of nine. */
 static void test_mixed_batch_through_server(void **state)
 {
     fixture_t *f = *state;
     open_account(f, "dave", "USD", 100);
     open_account(f, "hold", "USD", 10);
-    PGconn *locker = connect_url(f->url);
-    exec_sql(locker, "BEGIN");
-    exec_sql(locker, "SELECT id FROM accounts WHERE id = 'hold' FOR UPDATE");
-    staggered_t blocker = {
-        .w = {.target = f->pd.target,
-              .a = {.key = "mb-hold", .payer = "hold", .payee = "carol", .amount = 1}}};
-    pthread_t bt;
-    assert_int_equal(pthread_create(&bt, NULL, staggered_call, &blocker), 0);
-    /* The blocker waits on the lock (visible in pg_stat_activity) before the others. */
-    for (int i = 0; i < 100 && scalar_i64(f->db, "SELECT count(*) FROM pg_stat_activity WHERE"
-                                                 " wait_event_type = 'Lock'") == 0;
-         i++)
-        usleep(50000);
-    assert_int_equal(
-        scalar_i64(f->db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"),
-        1);
     const auth_t reqs[9] = {
         {.key = "mb-v1", .payer = "alice", .payee = "carol", .amount = 1000},
         {.key = "mb-v2", .payer = "bob", .payee = "carol", .amount = 2000},
@@ -275,17 +173,8 @@ static void test_mixed_batch_through_server(void **state)
     staggered_t ws[9];
     memset(ws, 0, sizeof ws);
     for (int i = 0; i < 9; i++)
-        ws[i] = (staggered_t){.w = {.target = f->pd.target, .a = reqs[i]}, .delay_ms = 20 * i};
-    pthread_t th[9];
-    for (int i = 0; i < 9; i++)
-        assert_int_equal(pthread_create(&th[i], NULL, staggered_call, &ws[i]), 0);
-    usleep(1500000); /* all nine queued in the writer behind the blocker */
-    exec_sql(locker, "COMMIT");
-    PQfinish(locker);
-    pthread_join(bt, NULL);
-    for (int i = 0; i < 9; i++)
-        pthread_join(th[i], NULL);
-    expect_ok(&blocker.w.o, ST_AUTHORIZED, 0);
+        ws[i].w.a = reqs[i];
+    run_held_batch(f, "mb", ws, 9);
     expect_ok(&ws[0].w.o, ST_AUTHORIZED, 0);
     expect_ok(&ws[1].w.o, ST_AUTHORIZED, 0);
     expect_ok(&ws[2].w.o, ST_DECLINED, E_INSUFFICIENT);
@@ -309,20 +198,94 @@ static void test_mixed_batch_through_server(void **state)
     expect_ok(&ws[8].w.o, ST_DECLINED, E_CURRENCY);
     assert_string_equal(ws[2].w.o.error_message, "insufficient funds in payer account dave");
     assert_string_equal(ws[7].w.o.error_message, "payer account ghost not found");
+    assert_string_equal(ws[8].w.o.error_message,
+                        "currency USD does not match payee account erin-eur (EUR)");
     assert_int_equal(balance(f->gc, "alice", NULL), 100000 - 1000 - 300 + conf);
     assert_int_equal(balance(f->gc, "bob", NULL), 50000 - 2000 + 300 - conf);
-    assert_int_equal(balance(f->gc, "carol", NULL), 1000 + 2000 + 1);
+    assert_int_equal(balance(f->gc, "carol", NULL), 1000 + 2000 + 1 + 1);
     assert_int_equal(balance(f->gc, "dave", NULL), 100);
+    /* the holders, and the nine less the two replays */
     assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM payments WHERE idempotency_key"
                                        " LIKE 'mb-%'"),
-                     8);
+                     9);
     ledger_check_passes(f);
     batches_t b;
     stop_and_read_batches(&f->pd, &b);
-    /* The blocker alone (1), the nine together (9), then the balance reads (readers). */
+    /* The two holders alone (1 + 1), the nine together (9); balance reads go to readers. */
     assert_int_equal(b.max, 9);
-    assert_int_equal(b.total, 2);
-    assert_int_equal(b.single, 1);
+    assert_int_equal(b.total, 3);
+    assert_int_equal(b.single, 2);
+}
+
+/* Stored keys inside one batch, and what the balances in memory decide: a key stored
+ * before replays (DUPLICATE with the stored id and time), a stored key past its TTL is a
+ * new payment, a key stored as a decline replays the decline; dave's three payments draw
+ * on one balance (600 + 600 of 1000: the second is declined, the third of 400 fits); the
+ * same account is declined; every row lands once. */
+static void test_stored_keys_in_batch(void **state)
+{
+    fixture_t *f = *state;
+    open_account(f, "dave", "USD", 1000);
+    open_account(f, "hold", "USD", 10);
+    outcome_t old, expd, decl;
+    auth_t a_old = {.key = "sk-old", .payer = "alice", .payee = "bob", .amount = 7};
+    auth_t a_exp = {.key = "sk-exp", .payer = "alice", .payee = "bob", .amount = 11};
+    auth_t a_decl = {.key = "sk-decl", .payer = "ghost", .payee = "bob", .amount = 5};
+    authorize_on(f->gc, &a_old, 10000, &old);
+    authorize_on(f->gc, &a_exp, 10000, &expd);
+    authorize_on(f->gc, &a_decl, 10000, &decl);
+    expect_ok(&old, ST_AUTHORIZED, 0);
+    expect_ok(&expd, ST_AUTHORIZED, 0);
+    expect_ok(&decl, ST_DECLINED, E_NOT_FOUND);
+    exec_sql(f->db, "UPDATE idempotency_keys SET processed_at = processed_at - interval '25h',"
+                    " expires_at = expires_at - interval '25h' WHERE key = 'sk-exp'");
+    exec_sql(f->db, "UPDATE payments SET idempotency_expires_at = idempotency_expires_at -"
+                    " interval '25h', created_at = created_at - interval '25h',"
+                    " updated_at = updated_at - interval '25h' WHERE idempotency_key = 'sk-exp'");
+    const auth_t reqs[7] = {
+        a_old,
+        a_exp,
+        a_decl,
+        {.key = "sk-d1", .payer = "dave", .payee = "carol", .amount = 600},
+        {.key = "sk-d2", .payer = "dave", .payee = "carol", .amount = 600},
+        {.key = "sk-d3", .payer = "dave", .payee = "carol", .amount = 400},
+        {.key = "sk-same", .payer = "carol", .payee = "carol", .amount = 1},
+    };
+    staggered_t ws[7];
+    memset(ws, 0, sizeof ws);
+    for (int i = 0; i < 7; i++)
+        ws[i].w.a = reqs[i];
+    run_held_batch(f, "sk", ws, 7);
+    expect_ok(&ws[0].w.o, ST_DUPLICATE, 0);
+    assert_string_equal(ws[0].w.o.payment_id, old.payment_id);
+    assert_string_equal(ws[0].w.o.processed_at, old.processed_at);
+    expect_ok(&ws[1].w.o, ST_AUTHORIZED, 0);
+    assert_string_not_equal(ws[1].w.o.payment_id, expd.payment_id);
+    expect_ok(&ws[2].w.o, ST_DUPLICATE, E_NOT_FOUND);
+    assert_string_equal(ws[2].w.o.payment_id, decl.payment_id);
+    assert_string_equal(ws[2].w.o.error_message, "payer account ghost not found");
+    expect_ok(&ws[3].w.o, ST_AUTHORIZED, 0);
+    expect_ok(&ws[4].w.o, ST_DECLINED, E_INSUFFICIENT);
+    expect_ok(&ws[5].w.o, ST_AUTHORIZED, 0);
+    expect_ok(&ws[6].w.o, ST_DECLINED, E_SAME);
+    assert_string_equal(ws[6].w.o.error_message, "payer and payee are the same account carol");
+    assert_int_equal(balance(f->gc, "dave", NULL), 0);
+    assert_int_equal(balance(f->gc, "alice", NULL), 100000 - 7 - 11 - 11);
+    assert_int_equal(balance(f->gc, "bob", NULL), 50000 + 7 + 11 + 11);
+    assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM payments WHERE idempotency_key"
+                                       " = 'sk-exp'"),
+                     2);
+    assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM idempotency_keys WHERE key = 'sk-exp'"
+                                       " AND expires_at > now()"),
+                     1);
+    assert_int_equal(scalar_i64(f->db,
+                                "SELECT count(*) FROM outbox o JOIN payments p ON"
+                                " p.id = o.aggregate_id WHERE p.idempotency_key LIKE 'sk-%'"),
+                     10); /* 3 before, 2 holders, sk-exp again, 3 of dave, sk-same */
+    ledger_check_passes(f);
+    batches_t b;
+    stop_and_read_batches(&f->pd, &b);
+    assert_int_equal(b.max, 7);
 }
 
 /* A failing payment (a trigger the test adds raises for description "boom": what a
@@ -337,48 +300,25 @@ static void test_failed_batch_is_split(void **state)
                     " RETURN NEW; END $$");
     exec_sql(f->db, "CREATE TRIGGER boom BEFORE INSERT ON payments FOR EACH ROW"
                     " EXECUTE FUNCTION boom()");
-    PGconn *locker = connect_url(f->url);
-    exec_sql(locker, "BEGIN");
-    exec_sql(locker, "SELECT id FROM accounts WHERE id = 'hold' FOR UPDATE");
-    staggered_t blocker = {
-        .w = {.target = f->pd.target,
-              .a = {.key = "sp-hold", .payer = "hold", .payee = "carol", .amount = 1}}};
-    pthread_t bt;
-    assert_int_equal(pthread_create(&bt, NULL, staggered_call, &blocker), 0);
-    for (int i = 0; i < 100 && scalar_i64(f->db, "SELECT count(*) FROM pg_stat_activity WHERE"
-                                                 " wait_event_type = 'Lock'") == 0;
-         i++)
-        usleep(50000);
     staggered_t ws[6];
     char keys[6][16];
     memset(ws, 0, sizeof ws);
     for (int i = 0; i < 6; i++) {
         snprintf(keys[i], sizeof keys[i], "sp-%d", i);
-        ws[i] = (staggered_t){.w = {.target = f->pd.target,
-                                    .a = {.key = keys[i],
-                                          .payer = "alice",
-                                          .payee = "carol",
-                                          .amount = 1 + i,
-                                          .description = i == 3 ? "boom" : "fine"}},
-                              .delay_ms = 20 * i};
+        ws[i].w.a = (auth_t){.key = keys[i],
+                             .payer = "alice",
+                             .payee = "carol",
+                             .amount = 1 + i,
+                             .description = i == 3 ? "boom" : "fine"};
     }
-    pthread_t th[6];
-    for (int i = 0; i < 6; i++)
-        assert_int_equal(pthread_create(&th[i], NULL, staggered_call, &ws[i]), 0);
-    usleep(1500000);
-    exec_sql(locker, "COMMIT");
-    PQfinish(locker);
-    pthread_join(bt, NULL);
-    for (int i = 0; i < 6; i++)
-        pthread_join(th[i], NULL);
-    expect_ok(&blocker.w.o, ST_AUTHORIZED, 0);
+    run_held_batch(f, "sp", ws, 6);
     for (int i = 0; i < 6; i++)
         if (i == 3)
             expect_grpc(&ws[i].w.o, GRPC_STATUS_INTERNAL,
                         "server error: the database refused the request");
         else
             expect_ok(&ws[i].w.o, ST_AUTHORIZED, 0);
-    assert_int_equal(balance(f->gc, "carol", NULL), 1 + 1 + 2 + 3 + 5 + 6);
+    assert_int_equal(balance(f->gc, "carol", NULL), 1 + 1 + 1 + 2 + 3 + 5 + 6);
     assert_int_equal(balance(f->gc, "alice", NULL), 100000 - (1 + 2 + 3 + 5 + 6));
     assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM payments WHERE idempotency_key"
                                        " = 'sp-3'"),
@@ -390,10 +330,10 @@ static void test_failed_batch_is_split(void **state)
     assert_true(pd_log_contains(&f->pd, "a batch of 3 payments failed"));
     batches_t b;
     stop_and_read_batches(&f->pd, &b);
-    /* 1 (the blocker), 6 (fails), 3 + 3 (the second fails), 1 + 1 + 1. */
-    assert_int_equal(b.total, 7);
+    /* 1 + 1 (the holders), 6 (fails), 3 + 3 (the second fails), 1 + 1 + 1. */
+    assert_int_equal(b.total, 8);
     assert_int_equal(b.max, 6);
-    assert_int_equal(b.single, 4);
+    assert_int_equal(b.single, 5);
 }
 
 /* ---- batches under load; two instances -------------------------------------------------- */
@@ -447,9 +387,9 @@ int main(void)
                                     .server_env = server_env};
     lf_configure(&cfg);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_setup_teardown(test_batch_function_outcomes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mixed_batch_through_server, setup_pool_of_one,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_stored_keys_in_batch, setup_pool_of_one, teardown),
         cmocka_unit_test_setup_teardown(test_failed_batch_is_split, setup_pool_of_one, teardown),
         cmocka_unit_test_setup_teardown(test_load_forms_batches, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_instances_batched, setup, teardown),
