@@ -18,6 +18,8 @@
 # not declines (hot: paymentctl; spread: bench/setup_accounts.sql, one transaction, because
 # 10,000 paymentctl runs take minutes); then, at the same concurrency on the same
 # PostgreSQL:
+#   0. prewarms PostgreSQL's WAL (scripts/stack.sh pg-prewarm-wal): segments recycled, as
+#      on a server that has run a while, instead of created during the measurement;
 #   1. pgbench running bench/pgbench_payment.sql (one payment per transaction);
 #   2. paymentd (default LEDGER_BATCH_MAX) + payment-bench, closed loop: the peak;
 #   3. the same paymentd, open loop at half that peak (--rate): the p99 <= 3 x p50 target;
@@ -124,6 +126,10 @@ else
   HOT=0
 fi
 log "$MODE: $NACC accounts opened and funded; concurrency $CONC, $DURATION s per run"
+# A fresh cluster creates (zero-fills) a new 16 MiB WAL segment every few seconds under this
+# load, and every committer waits for it: 30-70 ms stalls that a server which has run a
+# while (recycling its segments) does not have. Measure that steady state.
+"$REPO/scripts/stack.sh" pg-prewarm-wal "$DIR" >/dev/null 2>&1 || die "prewarming PostgreSQL's WAL failed"
 
 # percentiles FILE...: "p50 p99" (µs) of pgbench's per-transaction log (3rd field, µs).
 percentiles() {

@@ -1373,8 +1373,11 @@ int ledger_pool_add(ledger_pool_t **out, supervisor_t *sup, const ledger_config_
         p->nwriters = 1;
         p->nreaders = 0;
     } else {
-        p->nreaders = c->pool_size / 4 ? c->pool_size / 4 : 1;
-        p->nwriters = c->pool_size - p->nreaders;
+        /* Few writers, many readers: a writer batches, so one absorbs a growing load with
+         * growing batches, while every extra writer adds its own commits and smaller
+         * batches (bench/RESULTS.md, "Routing"); reads do not batch and scale with readers. */
+        p->nwriters = c->pool_size / 4 ? c->pool_size / 4 : 1;
+        p->nreaders = c->pool_size - p->nwriters;
     }
     p->nslots = p->nwriters + p->nreaders;
     for (unsigned b = 0; b < LEDGER_BATCH_BUCKETS; b++)

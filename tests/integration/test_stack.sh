@@ -222,6 +222,18 @@ test_stack() {
     expect_eq "$(q "$dbB" "SHOW $s")" on "B: $s"
   done
   expect_eq "$(q "$dbA" 'SHOW listen_addresses')" 127.0.0.1 "A: listen_addresses"
+  expect_eq "$(q "$dbA" 'SHOW min_wal_size')" 1GB "A: min_wal_size (used segments kept for reuse)"
+  # pg-prewarm-wal: the WAL moves on by at least that many segments, the server stays up
+  local lsn0 lsn1
+  lsn0=$(q "$dbA" 'SELECT pg_current_wal_lsn()')
+  PAY_PREWARM_WAL_SEGMENTS=3 "$STACK" pg-prewarm-wal "$A" 2>/dev/null || fail "pg-prewarm-wal A failed"
+  lsn1=$(q "$dbA" 'SELECT pg_current_wal_lsn()')
+  expect_eq "$(q "$dbA" "SELECT floor(pg_wal_lsn_diff('$lsn1', '0/0') / 16777216)
+    - floor(pg_wal_lsn_diff('$lsn0', '0/0') / 16777216) >= 3")" t \
+    "pg-prewarm-wal: A's WAL moved on by 3 segments ($lsn0 -> $lsn1)"
+  PAY_PREWARM_WAL_SEGMENTS=x "$STACK" pg-prewarm-wal "$A" 2>/dev/null &&
+    fail "pg-prewarm-wal accepted a segment count of x"
+  ok "pg-prewarm-wal refuses a segment count that is not a number"
   expect_eq "$(q "$dbA" 'SELECT current_user || current_database()')" paymentpayment_db \
     "A: connected as payment to payment_db"
   # shellcheck disable=SC2016 # $$...$$ is SQL dollar quoting
