@@ -199,9 +199,12 @@ pg_write_conf() {
 listen_addresses = '127.0.0.1'
 port = $1
 unix_socket_directories = '$PG_SOCK'
-# Keep up to 1 GiB of used WAL segments for reuse at each checkpoint (a size, not a
-# durability setting): a recycled segment is ready, a new one is zero-filled first.
+# WAL sizes (not durability settings): keep up to 1 GiB of used segments for reuse at each
+# checkpoint (a recycled segment is ready, a new one is zero-filled first while committers
+# wait), and let ~2 GiB of WAL pass between checkpoints instead of ~0.5 GiB (each one starts
+# a burst of full-page images).
 min_wal_size = 1GB
+max_wal_size = 4GB
 EOF
 }
 

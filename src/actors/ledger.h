@@ -9,8 +9,10 @@
  *   - readers (GetPayment, GetAccountBalance): reads never queue behind writes. They read
  *     the primary (the connection of DATABASE_URL), so a balance read right after a
  *     payment sees it.
- *   With DB_POOL_SIZE = 1 the one actor does both; otherwise max(1, size/4) readers and the
- *   rest writers (a read is one index probe, a payment a transaction with a commit flush).
+ *   With DB_POOL_SIZE = 1 the one actor does both; otherwise max(1, size/4) writers and the
+ *   rest readers: a writer batches, so one absorbs growing load with growing batches while
+ *   each extra writer adds commits and shrinks batches; reads do not batch and scale with
+ *   readers (measured: bench/RESULTS.md, "Routing").
  *   Writer 0 also does the maintenance: purging expired idempotency keys.
  * Batches: a writer keeps the messages it took in a local FIFO. When its connection can
  * take a job, the AuthorizePayment requests queued at the head (whatever is there now, up

@@ -36,6 +36,7 @@ struct pgconn {
     void *arg;
     char *conninfo;
     char *appname;
+    char *options;
     uint64_t connect_timeout_ns, backoff_base_ns, backoff_cap_ns;
 
     state_t state;
@@ -188,14 +189,10 @@ static void start_connect(pgconn_t *c)
 {
     /* TCP keepalives (before dbname, so the URL may override them): a peer that vanished
      * without a FIN is noticed by an idle connection within about 20 s, not hours. */
-    const char *keys[] = {"keepalives_idle",
-                          "keepalives_interval",
-                          "keepalives_count",
-                          "dbname",
-                          "fallback_application_name",
-                          "client_encoding",
-                          NULL};
-    const char *vals[] = {"10", "3", "3", c->conninfo, c->appname, "UTF8", NULL};
+    const char *keys[] = {
+        "keepalives_idle", "keepalives_interval",       "keepalives_count", "options",
+        "dbname",          "fallback_application_name", "client_encoding",  NULL};
+    const char *vals[] = {"10", "3", "3", c->options, c->conninfo, c->appname, "UTF8", NULL};
     c->pg = PQconnectStartParams(keys, vals, 1);
     if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
         lost(c);
@@ -371,6 +368,7 @@ int pgconn_create(pgconn_t **out, actor_t *a, const pgconn_config_t *cfg,
     c->fd = -1;
     c->conninfo = strdup(cfg->conninfo);
     c->appname = strdup(cfg->application_name ? cfg->application_name : "paymentd");
+    c->options = strdup(cfg->options ? cfg->options : "");
     c->connect_timeout_ns = cfg->connect_timeout_ns ? cfg->connect_timeout_ns : 5000000000ull;
     c->backoff_base_ns = cfg->backoff_base_ns ? cfg->backoff_base_ns : 100000000ull;
     c->backoff_cap_ns = cfg->backoff_cap_ns ? cfg->backoff_cap_ns : 2000000000ull;
@@ -378,7 +376,7 @@ int pgconn_create(pgconn_t **out, actor_t *a, const pgconn_config_t *cfg,
     c->ent_cap = 64;
     c->ent = calloc(c->ent_cap, sizeof(*c->ent));
     int rc = -ENOMEM;
-    if (!c->conninfo || !c->appname || !c->ent)
+    if (!c->conninfo || !c->appname || !c->options || !c->ent)
         goto fail;
     if ((rc = actor_timer_new(&c->timer, a, on_timer, c)) < 0)
         goto fail;
@@ -393,6 +391,7 @@ fail:
         actor_timer_free(c->timer);
     free(c->conninfo);
     free(c->appname);
+    free(c->options);
     free(c->ent);
     free(c);
     return rc;
@@ -407,6 +406,7 @@ void pgconn_destroy(pgconn_t *c)
     actor_timer_free(c->defer);
     free(c->conninfo);
     free(c->appname);
+    free(c->options);
     free(c->ent);
     free(c);
 }

@@ -223,6 +223,7 @@ test_stack() {
   done
   expect_eq "$(q "$dbA" 'SHOW listen_addresses')" 127.0.0.1 "A: listen_addresses"
   expect_eq "$(q "$dbA" 'SHOW min_wal_size')" 1GB "A: min_wal_size (used segments kept for reuse)"
+  expect_eq "$(q "$dbA" 'SHOW max_wal_size')" 4GB "A: max_wal_size"
   # pg-prewarm-wal: the WAL moves on by at least that many segments, the server stays up
   local lsn0 lsn1
   lsn0=$(q "$dbA" 'SELECT pg_current_wal_lsn()')
