@@ -190,13 +190,28 @@ bench() {
 field() { sed -n "s/^  \"$2\": \([0-9.]*\),\$/\1/p" "$DIR/$1.json"; }
 lat() { sed -n "s/.*\"$2\": \([0-9]*\)[,}].*/\1/p" "$DIR/$1.json" | head -1; }
 
+# PostgreSQL's own maintenance during a run (its log: autovacuum runs, checkpoints), so a
+# latency tail can be told from what the database did meanwhile.
+PGLOG="$(cat "$DIR/pg.base")/postgres.log"
+log_mark() { wc -l <"$PGLOG" 2>/dev/null || echo 0; }
+# maintenance FROM_LINE: "N autovacuum, M checkpoint" for the log lines after FROM_LINE.
+maintenance() {
+  local lines av cp
+  lines=$(tail -n +"$(($1 + 1))" "$PGLOG" 2>/dev/null)
+  av=$(grep -cE 'automatic (aggressive )?(vacuum|analyze) of table' <<<"$lines")
+  cp=$(grep -c 'checkpoint starting' <<<"$lines")
+  echo "$av autovacuum, $cp checkpoint"
+}
+
 log "2/4 paymentd (LEDGER_BATCH_MAX default) + payment-bench, closed loop"
 start_paymentd batch
 bench batch
 PEAK=$(field batch authorized_per_s)
 HALF=$(awk -v p="$PEAK" 'BEGIN { r = p / 2; if (r < 1) r = 1; printf "%.0f", r }')
 log "3/4 same paymentd, open loop at half the peak: --rate $HALF"
+HALF_MARK=$(log_mark)
 bench half --rate "$HALF" --concurrency $((CONC * 4))
+HALF_MAINT=$(maintenance "$HALF_MARK")
 stop_paymentd
 
 log "4/4 paymentd LEDGER_BATCH_MAX=1 + payment-bench, closed loop"
@@ -228,5 +243,6 @@ printf '%-34s %12.0f %10s %10s %9s\n' "paymentd, batched, open loop @ $HALF/s" "
 echo
 echo "pgbench: $PG_FAILED failed transactions; p50/p99 from its per-transaction log."
 echo "half-peak open loop (latency from the intended send time): p99/p50 = $(ratio "$H99" "$H50") (target <= 3x); $(field half unsent) due requests unsent"
+echo "PostgreSQL maintenance during the half-peak run (its log): $HALF_MAINT"
 echo "targets: $MODE >= $([[ $MODE == hot ]] && echo 30 || echo 5)x pgbench (batched column)"
 cat "$DIR/check.out"

@@ -205,6 +205,9 @@ unix_socket_directories = '$PG_SOCK'
 # a burst of full-page images).
 min_wal_size = 1GB
 max_wal_size = 4GB
+# Log every autovacuum run (checkpoints are logged by default): benchmarks and drills read
+# them to tell a latency tail from the database's own maintenance.
+log_autovacuum_min_duration = 0
 EOF
 }
 
