@@ -926,7 +926,8 @@ static void table_init(config_setting_t *t, paymentd_settings_t *s)
         S_DUR("SHUTDOWN_GRACE_SECONDS", "10", &s->shutdown_grace_seconds, 0, 3600,
               "time in-flight calls get to finish on SIGTERM/SIGINT"),
         S_INT("DB_POOL_SIZE", "4", &s->db_pool_size, 1, 64,
-              "PostgreSQL connections for ledger actors (one each)"),
+              "PostgreSQL connections for ledger actors (one each): max(1, N/4) writers, the "
+              "rest readers"),
         S_INT("LEDGER_BATCH_MAX", "256", &s->ledger_batch_max, 1, 4096,
               "payments applied per ledger transaction at most"),
         S_ENUM("IDEMPOTENCY_SCOPE", "global", &s->idempotency_scope, idem_scopes,
