@@ -261,6 +261,7 @@ int main(int argc, char **argv)
         .idempotency_per_client = cfg.idempotency_scope == PAYMENTD_IDEMPOTENCY_CLIENT,
         .idempotency_ttl_hours = cfg.idempotency_ttl_hours,
         .max_amount_cents = cfg.max_amount_cents,
+        .statement_timeout_ns = (uint64_t)cfg.db_statement_timeout_ms * 1000000ull,
     };
     /* Added first, so shutdown drains it first, into ledger mailboxes still open. */
     if (cfg.rate_limit_enabled && (rc = add_ratelimit(&ratelimit, sup, &cfg, &api)) < 0) {

@@ -930,6 +930,9 @@ static void table_init(config_setting_t *t, paymentd_settings_t *s)
               "rest readers"),
         S_INT("LEDGER_BATCH_MAX", "256", &s->ledger_batch_max, 1, 4096,
               "payments applied per ledger transaction at most"),
+        S_INT("DB_STATEMENT_TIMEOUT_MS", "10000", &s->db_statement_timeout_ms, 100, 3600000,
+              "a ledger connection with no answer for this long is dropped and reconnected; "
+              "its calls end UNAVAILABLE, milliseconds"),
         S_ENUM("IDEMPOTENCY_SCOPE", "global", &s->idempotency_scope, idem_scopes,
                "global: one key space; client: keys scoped per client identity"),
         S_INT("IDEMPOTENCY_TTL_HOURS", "24", &s->idempotency_ttl_hours, 1, 87600,

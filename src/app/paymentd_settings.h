@@ -115,6 +115,7 @@ typedef struct paymentd_settings {
     double shutdown_grace_seconds;
     int64_t db_pool_size;
     int64_t ledger_batch_max;
+    int64_t db_statement_timeout_ms;
     paymentd_idempotency_scope_t idempotency_scope;
     int64_t idempotency_ttl_hours;
     int64_t max_amount_cents;

@@ -190,9 +190,9 @@ static void start_connect(pgconn_t *c)
     /* TCP keepalives (before dbname, so the URL may override them): a peer that vanished
      * without a FIN is noticed by an idle connection within about 20 s, not hours. */
     const char *keys[] = {
-        "keepalives_idle", "keepalives_interval",       "keepalives_count", "options",
-        "dbname",          "fallback_application_name", "client_encoding",  NULL};
-    const char *vals[] = {"10", "3", "3", c->options, c->conninfo, c->appname, "UTF8", NULL};
+        "keepalives_idle", "keepalives_interval",       "keepalives_count", "dbname",
+        "options",         "fallback_application_name", "client_encoding",  NULL};
+    const char *vals[] = {"10", "3", "3", c->conninfo, c->options, c->appname, "UTF8", NULL};
     c->pg = PQconnectStartParams(keys, vals, 1);
     if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
         lost(c);
@@ -353,6 +353,25 @@ static int on_defer(actor_t *a, void *state, actor_timer_t *t, void *arg)
     return 0;
 }
 
+/* The server options of the connection: those of the conninfo (or, without any, of
+ * PGOPTIONS, as libpq would use), then ours, so both apply (a later -c wins). */
+static char *merged_options(const char *conninfo, const char *ours)
+{
+    const char *theirs = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strcmp(o->keyword, "options") == 0 && o->val && o->val[0])
+            theirs = o->val;
+    if (!theirs)
+        theirs = getenv("PGOPTIONS");
+    size_t n = (theirs ? strlen(theirs) : 0) + (ours ? strlen(ours) : 0) + 2;
+    char *m = malloc(n);
+    if (m)
+        snprintf(m, n, "%s%s%s", theirs ? theirs : "", theirs && ours ? " " : "", ours ? ours : "");
+    PQconninfoFree(opts);
+    return m;
+}
+
 int pgconn_create(pgconn_t **out, actor_t *a, const pgconn_config_t *cfg,
                   const pgconn_callbacks_t *cb, void *arg)
 {
@@ -368,7 +387,7 @@ int pgconn_create(pgconn_t **out, actor_t *a, const pgconn_config_t *cfg,
     c->fd = -1;
     c->conninfo = strdup(cfg->conninfo);
     c->appname = strdup(cfg->application_name ? cfg->application_name : "paymentd");
-    c->options = strdup(cfg->options ? cfg->options : "");
+    c->options = merged_options(c->conninfo, cfg->options);
     c->connect_timeout_ns = cfg->connect_timeout_ns ? cfg->connect_timeout_ns : 5000000000ull;
     c->backoff_base_ns = cfg->backoff_base_ns ? cfg->backoff_base_ns : 100000000ull;
     c->backoff_cap_ns = cfg->backoff_cap_ns ? cfg->backoff_cap_ns : 2000000000ull;

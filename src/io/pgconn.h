@@ -42,8 +42,8 @@ typedef struct pgconn pgconn_t;
 typedef struct pgconn_config {
     const char *conninfo;         /* URL or key=value string (copied) */
     const char *application_name; /* fallback_application_name (copied); NULL = "paymentd" */
-    const char *options;          /* server options ("-c name=value ..."; copied); NULL = none;
-                                     options in the conninfo URL take precedence */
+    const char *options;          /* server options ("-c name=value ..."; copied), added after
+                                     the conninfo's own (or PGOPTIONS'); NULL = none */
     uint64_t connect_timeout_ns;  /* one attempt; 0 = 5 s */
     uint64_t backoff_base_ns;     /* first retry delay; 0 = 100 ms */
     uint64_t backoff_cap_ns;      /* 0 = 2 s */

@@ -11,7 +11,9 @@
  * the same fingerprint -> DUPLICATE of the first, with another -> CONFLICT, an unknown
  * account, a currency mismatch); a batch with stored keys (replayed, expired -> new,
  * a stored decline replayed), three payments drawing on one balance, the same account;
- * a batch with a failing payment, retried split; batches larger than one under concurrent load; two
+ * a batch with a failing payment, retried split; a batch stuck behind a rogue lock (the
+ * connection is dropped after DB_STATEMENT_TIMEOUT_MS, nothing is applied, retries execute
+ * once); batches larger than one under concurrent load; two
  * instances batching (ledger check passes, money conserved); PostgreSQL's postmaster
  * killed mid-batch (nothing half-applied, nothing acknowledged lost).
  */
@@ -336,6 +338,88 @@ static void test_failed_batch_is_split(void **state)
     assert_int_equal(b.single, 5);
 }
 
+/* ---- a batch stuck behind a lock nobody releases ----------------------------------------- */
+
+static int setup_short_timeout(void **state)
+{
+    static const char *const extra[] = {"DB_POOL_SIZE=1", "DB_STATEMENT_TIMEOUT_MS=1500", NULL};
+    return setup_env(state, extra);
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A rogue session holds an account's row lock: the payments queued behind it get no answer
+ * from PostgreSQL. After DB_STATEMENT_TIMEOUT_MS the writer drops its connection: the
+ * calls whose commit was already sent end UNAVAILABLE saying their outcome is unknown, the
+ * others UNAVAILABLE too, and the writer is back at once for other payments. The abandoned
+ * backend notices its client is gone within a second (client_connection_check_interval)
+ * and gives up, so when the lock is finally released nothing of those payments is applied,
+ * and the clients' retries with the same keys execute each payment exactly once. */
+static void test_stuck_batch_times_out(void **state)
+{
+    fixture_t *f = *state;
+    open_account(f, "hold", "USD", 100);
+    PGconn *locker = connect_url(f->url);
+    exec_sql(locker, "BEGIN");
+    exec_sql(locker, "SELECT id FROM accounts WHERE id = 'hold' FOR UPDATE");
+    staggered_t ws[4];
+    char keys[4][16];
+    memset(ws, 0, sizeof ws);
+    pthread_t th[4];
+    int64_t t0 = now_ms();
+    for (int i = 0; i < 4; i++) {
+        snprintf(keys[i], sizeof keys[i], "st-%d", i);
+        ws[i].w.target = f->pd.target;
+        ws[i].w.a = (auth_t){.key = keys[i], .payer = "hold", .payee = "carol", .amount = 1 + i};
+        ws[i].delay_ms = 20 * i;
+        assert_int_equal(pthread_create(&th[i], NULL, staggered_call, &ws[i]), 0);
+    }
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    int64_t took = now_ms() - t0;
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(ws[i].w.o.grpc, GRPC_STATUS_UNAVAILABLE);
+    expect_grpc(&ws[0].w.o, GRPC_STATUS_UNAVAILABLE,
+                "database connection lost before the payment's outcome was known; retry with "
+                "the same idempotency_key");
+    assert_true(took >= 1400 && took < 6000);
+    /* The writer reconnected: another payer's payment goes through. */
+    outcome_t o;
+    auth_t other = {.key = "st-other", .payer = "alice", .payee = "bob", .amount = 5};
+    for (int i = 0; i < 100; i++) {
+        authorize_on(f->gc, &other, 10000, &o);
+        if (o.grpc != GRPC_STATUS_UNAVAILABLE)
+            break;
+        usleep(50000);
+    }
+    expect_ok(&o, ST_AUTHORIZED, 0);
+    /* The abandoned backend stopped waiting for the lock. */
+    int64_t waiting = 1;
+    for (int i = 0; i < 100 && waiting != 0; i++) {
+        waiting = lock_waiters(f);
+        if (waiting)
+            usleep(50000);
+    }
+    assert_int_equal(waiting, 0);
+    exec_sql(locker, "COMMIT");
+    PQfinish(locker);
+    usleep(300000);
+    assert_int_equal(scalar_i64(f->db, "SELECT count(*) FROM payments WHERE idempotency_key"
+                                       " LIKE 'st-_'"),
+                     0);
+    for (int i = 0; i < 4; i++) {
+        authorize_on(f->gc, &ws[i].w.a, 10000, &o);
+        expect_ok(&o, ST_AUTHORIZED, 0);
+    }
+    assert_int_equal(balance(f->gc, "hold", NULL), 100 - (1 + 2 + 3 + 4));
+    ledger_check_passes(f);
+}
+
 /* ---- batches under load; two instances -------------------------------------------------- */
 
 static void test_load_forms_batches(void **state)
@@ -391,6 +475,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_stored_keys_in_batch, setup_pool_of_one, teardown),
         cmocka_unit_test_setup_teardown(test_failed_batch_is_split, setup_pool_of_one, teardown),
+        cmocka_unit_test_setup_teardown(test_stuck_batch_times_out, setup_short_timeout, teardown),
         cmocka_unit_test_setup_teardown(test_load_forms_batches, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_instances_batched, setup, teardown),
         cmocka_unit_test_setup_teardown(test_postmaster_killed_mid_batch, setup, teardown),
