@@ -329,15 +329,18 @@ static const struct {
     [S_LOCKK] = {"lockk",
                  "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
                  " FROM unnest($1::text[]) AS t(k) ORDER BY 1) AS s"},
-    /* ... drop the expired ones (absent, as in 002) and read the stored ones ... */
+    /* ... read the stored ones, one primary-key probe each, and drop the expired ones
+     * (absent, as in 002) by their tuple ids ... */
     [S_READK] = {"readk",
-                 "WITH k AS (SELECT DISTINCT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k)),"
-                 " d AS (DELETE FROM idempotency_keys i USING k"
-                 " WHERE i.scope = k.s AND i.key = k.k AND i.expires_at <= now())"
-                 " SELECT i.scope, i.key, encode(i.fingerprint, 'hex'), i.payment_id, i.status,"
-                 " i.error_code, i.error_message, pay_format_ts(i.processed_at)"
-                 " FROM idempotency_keys i JOIN k ON i.scope = k.s AND i.key = k.k"
-                 " WHERE i.expires_at > now()"},
+                 "WITH q AS (SELECT DISTINCT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k)),"
+                 " f AS MATERIALIZED (SELECT i.* FROM q CROSS JOIN LATERAL"
+                 " (SELECT x.ctid AS tid, x.scope, x.key, encode(x.fingerprint, 'hex') AS fp,"
+                 " x.payment_id, x.status, x.error_code, x.error_message, x.processed_at,"
+                 " x.expires_at FROM idempotency_keys x WHERE x.scope = q.s AND x.key = q.k) AS i),"
+                 " d AS (DELETE FROM idempotency_keys"
+                 " WHERE ctid = ANY (ARRAY(SELECT tid FROM f WHERE expires_at <= now())))"
+                 " SELECT scope, key, fp, payment_id, status, error_code, error_message,"
+                 " pay_format_ts(processed_at) FROM f WHERE expires_at > now()"},
     /* ... then lock the accounts, sorted, once. */
     [S_LOCKA] = {"locka",
                  "SELECT id, currency, balance_cents, status = 'active' AND kind = 'customer'"
@@ -1257,14 +1260,19 @@ static int ledger_start(actor_t *a, void *arg, void **state)
     pgconn_config_t pc = {
         .conninfo = pool->conninfo,
         .application_name = "paymentd-ledger",
-        /* Every statement is prepared once per connection and its plan is the same for any
-         * batch (index probes, arrays unnested): planning it again for each batch, as the
-         * default "auto" mode does when custom plans look cheaper, cost ~10% of the
-         * backend's CPU on the hot path (perf). A backend whose client went away (we drop
-         * a connection that does not answer within the statement timeout) stops its
-         * statement within a second instead of going on, e.g. once a lock it waits for is
-         * released, and committing a batch nobody will be told about. */
-        .options = "-c plan_cache_mode=force_generic_plan"
+        /* Every statement is prepared once per connection and planned once for any batch
+         * (generic plans): planning each batch again, as the default "auto" mode does when
+         * custom plans look cheaper, cost ~10% of the backend's CPU on the hot path (perf).
+         * A plan made while a table was empty (a fresh database) must not scan it whole
+         * once it has grown: the batch's key lookup was such a plan (a hash join over a
+         * sequential scan of idempotency_keys, until an autovacuum ANALYZE replanned it).
+         * Every statement here is index probes, so the ledger's connections plan with
+         * enable_seqscan=off (the foreign-key checks' plans too).
+         * A backend whose client went away (we drop a connection that does not answer
+         * within the statement timeout) stops its statement within a second instead of
+         * going on, e.g. once a lock it waits for is released, and committing a batch
+         * nobody will be told about. */
+        .options = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
                    " -c client_connection_check_interval=1000",
         .backoff_base_ns = pool->cfg.backoff_base_ns,
         .backoff_cap_ns = pool->cfg.backoff_cap_ns,
