@@ -129,8 +129,9 @@ typedef struct job {
     const char **aptr;     /* 2 batch_max: the locked accounts' ids */
     int64_t *abal;         /* their balances as the batch goes */
     int *aupd;             /* the last request that moved them, -1 = untouched */
-    int *kslot, *aslot;    /* hash tables (smask + 1 slots) over kptr / aptr */
-    size_t smask;
+    int *kslot, *aslot;    /* hash tables over kptr / aptr: room for smask + 1 slots, */
+    size_t smask;          /* of which this batch uses kmask + 1 and amask + 1 (>= 2x */
+    size_t kmask, amask;   /* its keys or accounts), so only those are cleared */
 } job_t;
 
 /* An actor incarnation's state (its thread only). */
@@ -529,6 +530,15 @@ static void record_batch(ledger_pool_t *p, size_t n)
         ;
 }
 
+/* The mask of a table with at least twice n slots (a power of two), at most max + 1. */
+static size_t table_mask(size_t n, size_t max)
+{
+    size_t slots = 16;
+    while (slots < 2 * n && slots <= max)
+        slots *= 2;
+    return slots - 1 < max ? slots - 1 : max;
+}
+
 /* Open addressing over strings, storing indexes into keys[]: the index of k, or -1 after
  * inserting idx (when idx >= 0). slot has mask + 1 entries, all -1 initially. */
 static int smap(int *slot, size_t mask, const char *const *keys, const char *k, int idx)
@@ -550,7 +560,8 @@ static int send_phase_a(lstate_t *s, job_t *j)
 {
     const ledger_config_t *cfg = &s->pool->cfg;
     sbuf_t kids = {0}, scopes = {0}, keys = {0}, accs = {0};
-    memset(j->kslot, 0xff, (j->smask + 1) * sizeof(*j->kslot));
+    j->kmask = table_mask(j->n, j->smask);
+    memset(j->kslot, 0xff, (j->kmask + 1) * sizeof(*j->kslot));
     int64_t ttl_us = cfg->idempotency_ttl_hours * INT64_C(3600000000);
     for (size_t i = 0; i < j->n; i++) {
         breq_t *q = &j->rq[i];
@@ -567,7 +578,7 @@ static int send_phase_a(lstate_t *s, job_t *j)
         ulid_format_time(q->now_s, now_us);
         ulid_format_time(q->exp_s, now_us + ttl_us);
         j->kptr[i] = q->kid;
-        int f = smap(j->kslot, j->smask, j->kptr, q->kid, (int)i);
+        int f = smap(j->kslot, j->kmask, j->kptr, q->kid, (int)i);
         q->first = f < 0 ? (int)i : f;
         q->stored = -1;
         if (q->first == (int)i) {
@@ -620,15 +631,16 @@ static void decide(lstate_t *s, job_t *j)
     char kid[sizeof j->rq[0].kid];
     for (int row = 0; row < PQntuples(k); row++) {
         snprintf(kid, sizeof kid, "%s\x1f%s", PQgetvalue(k, row, 0), PQgetvalue(k, row, 1));
-        int f = smap(j->kslot, j->smask, j->kptr, kid, -1);
+        int f = smap(j->kslot, j->kmask, j->kptr, kid, -1);
         if (f >= 0)
             j->rq[f].stored = row;
     }
     int na = PQntuples(a);
-    memset(j->aslot, 0xff, (j->smask + 1) * sizeof(*j->aslot));
+    j->amask = table_mask((size_t)na, j->smask);
+    memset(j->aslot, 0xff, (j->amask + 1) * sizeof(*j->aslot));
     for (int row = 0; row < na; row++) {
         j->aptr[row] = PQgetvalue(a, row, 0);
-        smap(j->aslot, j->smask, j->aptr, j->aptr[row], row);
+        smap(j->aslot, j->amask, j->aptr, j->aptr[row], row);
         j->abal[row] = strtoll(PQgetvalue(a, row, 2), NULL, 10);
         j->aupd[row] = -1;
     }
@@ -661,8 +673,8 @@ static void decide(lstate_t *s, job_t *j)
             q->code = "SAME_ACCOUNT";
             snprintf(q->msg, sizeof q->msg, "payer and payee are the same account %s", payer);
         } else {
-            pi = smap(j->aslot, j->smask, j->aptr, payer, -1);
-            ei = smap(j->aslot, j->smask, j->aptr, payee, -1);
+            pi = smap(j->aslot, j->amask, j->aptr, payer, -1);
+            ei = smap(j->aslot, j->amask, j->aptr, payee, -1);
             if (pi < 0 || strcmp(PQgetvalue(a, pi, 3), "t") != 0) {
                 q->code = "ACCOUNT_NOT_FOUND";
                 snprintf(q->msg, sizeof q->msg, "payer account %s not found", payer);

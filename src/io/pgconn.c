@@ -8,7 +8,9 @@
  * watched for input, so a server that goes away is noticed at once even when idle (and
  * health can follow it); output is watched only while PQflush has data pending.
  * One timer serves the retry delay, the connect timeout and the progress timeout: at most
- * one of them is meaningful in each state. Losses found inside a queueing call are handled
+ * one of them is meaningful in each state. The progress timer is set once, not per entry:
+ * entries only record when they ended, and when it fires it sets itself again for what is
+ * left of the timeout after the last progress. Losses found inside a queueing call are handled
  * from a zero-delay timer so no callback runs from inside a call of the owner.
  * Pending entries live in a ring in the order they were queued, which is the order libpq
  * returns their results: a statement's results end with a NULL from PQgetResult (its last
@@ -47,8 +49,10 @@ struct pgconn {
     actor_timer_t *defer; /* deferred loss handling */
     char defer_why[256];
     uint64_t next_delay_ns;
-    unsigned failures;   /* consecutive failed attempts (for logging once) */
-    uint64_t timeout_ns; /* progress timeout of the last push; 0 = none */
+    unsigned failures;    /* consecutive failed attempts (for logging once) */
+    uint64_t timeout_ns;  /* progress timeout of the last push; 0 = none */
+    uint64_t progress_ns; /* when an entry last ended (or the first was queued) */
+    bool progress_armed;  /* the timer is set for the progress timeout */
     /* pending entries: a ring of ent_cap (a power of two) */
     struct entry {
         void *tag;
@@ -123,6 +127,7 @@ static void go_down(pgconn_t *c, int err, const char *why)
     uint64_t delay = c->next_delay_ns;
     c->next_delay_ns = delay * 2 > c->backoff_cap_ns ? c->backoff_cap_ns : delay * 2;
     actor_timer_arm(c->timer, delay, 0);
+    c->progress_armed = false;
     if (was_up || c->failures == 0)
         LOG_WARNING(MOD, "PostgreSQL %s: %s; retrying in %.0f ms",
                     was_up ? "connection lost" : "unreachable", why, delay / 1e6);
@@ -153,6 +158,7 @@ static void became_up(pgconn_t *c)
     c->state = ST_UP;
     c->next_delay_ns = c->backoff_base_ns;
     actor_timer_arm(c->timer, 0, 0);
+    c->progress_armed = false;
     if (c->failures > 0)
         LOG_INFO(MOD, "PostgreSQL connection re-established");
     c->failures = 0;
@@ -210,8 +216,7 @@ static void pop_entry(pgconn_t *c, PGresult *r, int err, const char *sqlstate, c
     struct entry e = c->ent[c->ent_head];
     c->ent_head = (c->ent_head + 1) & (c->ent_cap - 1);
     c->ent_len--;
-    /* progress: the timeout counts again from here, or stops when nothing is pending */
-    actor_timer_arm(c->timer, c->ent_len > 0 ? c->timeout_ns : 0, 0);
+    c->progress_ns = time_now_ns(); /* the timeout counts again from here */
     c->cb.on_entry(c, c->arg, e.tag, e.step, r, err, sqlstate, why);
 }
 
@@ -331,13 +336,21 @@ static int on_timer(actor_t *a, void *state, actor_timer_t *t, void *arg)
         go_down(c, -ETIMEDOUT, why);
         break;
     }
-    case ST_UP:
-        if (c->ent_len > 0) {
-            /* The entries' outcome is unknown; a fresh connection is the only way to stop
-             * waiting for them (the server aborts its work when it sees the socket close). */
-            go_down(c, -ETIMEDOUT, "no answer from PostgreSQL within the statement timeout");
+    case ST_UP: {
+        c->progress_armed = false;
+        if (c->ent_len == 0 || c->timeout_ns == 0)
+            break;
+        uint64_t idle = time_now_ns() - c->progress_ns;
+        if (idle < c->timeout_ns) {
+            actor_timer_arm(c->timer, c->timeout_ns - idle, 0);
+            c->progress_armed = true;
+            break;
         }
+        /* The entries' outcome is unknown; a fresh connection is the only way to stop
+         * waiting for them (the server aborts its work when it sees the socket close). */
+        go_down(c, -ETIMEDOUT, "no answer from PostgreSQL within the statement timeout");
         break;
+    }
     }
     return 0;
 }
@@ -466,6 +479,8 @@ static void add_entry(pgconn_t *c, void *tag, int step, bool sync)
         c->ent_cap = cap;
         c->ent_head = 0;
     }
+    if (c->ent_len == 0)
+        c->progress_ns = time_now_ns(); /* waiting starts now */
     c->ent[(c->ent_head + c->ent_len) & (c->ent_cap - 1)] = (struct entry){tag, step, sync};
     c->ent_len++;
 }
@@ -516,8 +531,10 @@ int pgconn_push(pgconn_t *c, bool flush, uint64_t timeout_ns)
         return -ENOTCONN;
     }
     c->timeout_ns = timeout_ns;
-    if (c->ent_len > 0)
+    if (c->ent_len > 0 && timeout_ns && !c->progress_armed) {
         actor_timer_arm(c->timer, timeout_ns, 0);
+        c->progress_armed = true;
+    }
     return 0;
 }
 
